@@ -1,0 +1,1 @@
+"""The demo: a tool upstream with payments, email and search tools, and a scripted story."""
