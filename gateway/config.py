@@ -72,9 +72,11 @@ class RateLimitsSection(_Model):
 
     # Default: [gateway] redis_url when set, else memory.
     storage: str | None = None
-    strategy: Literal["moving-window", "fixed-window"] = "moving-window"
-    # Seconds one counter update may take; past it a limited call fails closed (503).
-    timeout: Annotated[float, Field(gt=0, le=5)] = 0.25
+    # fixed-window: one Redis round trip per limit, but up to twice the rate across a window
+    # boundary; moving-window: never more than the rate in any window, two round trips.
+    strategy: Literal["fixed-window", "moving-window"] = "fixed-window"
+    # Seconds the counter updates of one call may take; past it the call fails closed (503).
+    timeout: Annotated[float, Field(gt=0, le=5)] = 1.0
     key_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:\-]+$")] = "agent-gateway"
 
     @field_validator("storage")
@@ -152,6 +154,38 @@ RESERVED_UPSTREAM_HEADERS = frozenset(
     {"host", "content-length", "transfer-encoding", "connection", "traceparent", "idempotency-key"}
     | {"gateway-assertion", "gateway-intent-id", "content-type"}
 )
+
+
+class ApprovalsSection(_Model):
+    """Human approval (contract §5): the webhook told of new pending approvals, the page's sessions."""
+
+    # POSTed a JSON body signed `X-Signature: sha256=<hex HMAC-SHA256(secret, body)>`.
+    webhook_url: str | None = None
+    # The environment variable holding the HMAC secret; required with webhook_url.
+    webhook_secret_env: str | None = None
+    webhook_max_attempts: Annotated[int, Field(ge=1, le=20)] = 6
+    # Attempt n waits backoff * 2^(n-1) seconds after attempt n-1 failed.
+    webhook_backoff_seconds: Annotated[float, Field(gt=0, le=3600)] = 2.0
+    webhook_timeout: Annotated[float, Field(gt=0, le=60)] = 5.0
+    # Absolute base URL of the gateway for links in webhook bodies, e.g. https://gw.example.com.
+    public_url: str | None = None
+    # Seconds between sweeps that expire overdue approvals and send queued webhooks.
+    sweep_interval: Annotated[float, Field(gt=0, le=3600)] = 2.0
+    # An approvals-page session ends at this age or when its sign-in token expires.
+    session_seconds: Annotated[int, Field(ge=60, le=86_400)] = 28_800
+
+    @field_validator("webhook_url", "public_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+    @model_validator(mode="after")
+    def _secret_with_url(self) -> ApprovalsSection:
+        if self.webhook_url and not self.webhook_secret_env:
+            raise ValueError("webhook_url needs webhook_secret_env: webhooks are always signed")
+        return self
 
 
 class PolicySection(_Model):
@@ -268,6 +302,17 @@ class McpToolRef(Tool):
     mcp_name: Annotated[str, Field(min_length=1)]
 
 
+# Built in: a commit of `memory.set` calls no upstream; its effect is the intent's
+# memory_writes (gateway.memory). The URL is never used (.invalid never resolves).
+MEMORY_TOOL = Tool(
+    name="memory.set",
+    upstream="http://memory.invalid/",
+    effect="write",
+    risk="low",
+    description="Write canonical memory (memory_writes) through a commit; no upstream is called.",
+)
+
+
 class Config(_Model):
     gateway: GatewaySection = GatewaySection()
     policy: PolicySection = PolicySection()
@@ -277,12 +322,15 @@ class Config(_Model):
     mcp_servers: list[McpServer] = []
     limits: list[Limit] = []
     rate_limits: RateLimitsSection = RateLimitsSection()
+    approvals: ApprovalsSection = ApprovalsSection()
     base_dir: str = "."
 
     def tool(self, name: str) -> Tool | None:
         for tool in self.tools:
             if tool.name == name:
                 return tool
+        if name == MEMORY_TOOL.name:
+            return MEMORY_TOOL
         return self.mcp_tool(name)
 
     def mcp_server(self, name: str) -> McpServer | None:
@@ -335,6 +383,8 @@ def parse_config(data: dict[str, Any], base_dir: str | Path = ".") -> Config:
     duplicated = sorted({name for name in names if names.count(name) > 1})
     if duplicated:
         raise ConfigError(f"tools: duplicate tool name {duplicated[0]!r}")
+    if MEMORY_TOOL.name in names:
+        raise ConfigError(f"tools: {MEMORY_TOOL.name!r} is built in; choose another name")
     for tool in config.tools:
         if tool.compensation and tool.compensation not in names:
             raise ConfigError(f"tools.{tool.name}.compensation: no tool named {tool.compensation!r}")

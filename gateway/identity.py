@@ -13,6 +13,7 @@ import json
 import logging
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -45,6 +46,12 @@ TOKEN_TYPE = "role+jwt"  # noqa: S105 (a media type, not a secret)
 REQUIRED_CLAIMS = ("iss", "sub", "aud", "exp", "nbf", "iat", "jti", "role")
 MAX_TOKEN_BYTES = 8192
 MAX_JWKS_BYTES = 1_048_576
+# A token whose signature and claims were checked is remembered by its exact text for
+# a short while: the signature check dominates a read call's cost. Revocation and the
+# time window are still checked on every use, and a removed key stops being trusted
+# within CACHE_SECONDS.
+CACHE_SECONDS = 60.0
+CACHE_ENTRIES = 10_000
 
 
 @dataclass(frozen=True)
@@ -341,6 +348,7 @@ class TokenVerifier:
         self.audience = audience
         self.revocations = revocations
         self._issuers: dict[str, tuple[Issuer, KeySet]] = {}
+        self._cache: OrderedDict[str, tuple[Principal, float, float, float]] = OrderedDict()
         for issuer in issuers or [Issuer(iss=DEV_ISSUER, keys=[])]:
             if issuer.iss in self._issuers:
                 raise ConfigError(f"issuers: duplicate iss {issuer.iss!r}")
@@ -357,6 +365,24 @@ class TokenVerifier:
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
             raise _rejected("missing bearer token in Authorization header")
+        cached = self._cache.get(token)
+        if cached is not None:
+            principal, not_before, not_after, verified_at = cached
+            now = time.time()
+            if not_before <= now < not_after and now - verified_at < CACHE_SECONDS:
+                if self.revocations.is_revoked(principal.jti, principal.sub):
+                    raise _rejected("token has been revoked")
+                return principal
+            self._cache.pop(token, None)
+        principal = await self._verify_uncached(token)
+        claims = principal.claims
+        leeway = min(self._issuers[principal.iss][0].leeway, 60)
+        if len(self._cache) >= CACHE_ENTRIES:
+            self._cache.popitem(last=False)
+        self._cache[token] = (principal, claims["nbf"] - leeway, claims["exp"] + leeway, time.time())
+        return principal
+
+    async def _verify_uncached(self, token: str) -> Principal:
         if len(token) > MAX_TOKEN_BYTES or token.count(".") != 2:
             raise _rejected("bearer token is not a compact JWS")
         try:

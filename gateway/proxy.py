@@ -120,6 +120,9 @@ class UpstreamResponse:
     release: aiohttp.ClientResponse
 
 
+KEEPALIVE_SECONDS = 4.0
+
+
 class Forwarder:
     """One pooled aiohttp session for every upstream, with finite timeouts."""
 
@@ -132,7 +135,12 @@ class Forwarder:
 
     async def start(self) -> None:
         if self._session is None:
-            connector = aiohttp.TCPConnector(limit=self._pool_size, ttl_dns_cache=300)
+            # Idle connections are dropped before common servers drop them (uvicorn: 5 s),
+            # so a commit is never written onto a connection the upstream already closed:
+            # such a call would have to be recorded `unknown`.
+            connector = aiohttp.TCPConnector(
+                limit=self._pool_size, ttl_dns_cache=300, keepalive_timeout=KEEPALIVE_SECONDS
+            )
             self._session = aiohttp.ClientSession(
                 connector=connector,
                 timeout=self._timeout,

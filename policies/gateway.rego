@@ -128,6 +128,44 @@ deny_reasons contains "only the approver role may approve" if {
 
 deny_reasons contains "handoff envelope required" if not envelope_satisfied
 
+# --- memory -----------------------------------------------------------------
+
+# Scratch is scoped per task: a write needs a handoff envelope for the task whose
+# scratch it touches, unless data.json lets the role write any task's scratch.
+# The message is a constant, so a missing field can only ever deny.
+scratch_task_granted if input.envelope.task_id == input.arguments.task_id
+
+scratch_task_granted if role_name in data.memory.scratch_any_task_roles
+
+deny_reasons contains "a scratch write needs a handoff envelope for the task it touches" if {
+	action == "memory.write"
+	not scratch_task_granted
+}
+
+# Read-after-write on critical paths: committing a tool listed in
+# data.memory.goal_dependency_tools needs a depends_on naming the current revision
+# of the task's goal (input.memory holds the revisions the call touches).
+goal_dependency_required if {
+	action == "commit"
+	some pattern in data.memory.goal_dependency_tools
+	tool_matches(pattern, tool_name)
+}
+
+goal_address := concat("/", ["goals", input.intent.task_id])
+
+goal_dependency_current if {
+	some dependency in input.intent.depends_on
+	dependency.namespace == "goals"
+	dependency.key == input.intent.task_id
+	dependency.revision > 0
+	dependency.revision == input.memory[goal_address].revision
+}
+
+deny_reasons contains "this tool must depend on the current revision of the task's goal" if {
+	goal_dependency_required
+	not goal_dependency_current
+}
+
 # --- approval ---------------------------------------------------------------
 
 default approval_limit := 1000

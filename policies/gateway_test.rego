@@ -189,11 +189,54 @@ test_only_approver_approves if {
 # --- memory -------------------------------------------------------------------
 
 test_worker_writes_memory_with_envelope if {
-	d := decide("memory.write", "worker", null, envelope, {})
+	d := decide("memory.write", "worker", null, envelope, {"task_id": "t-1", "key": "notes"})
 	d.allow
 }
 
 test_committer_may_not_write_memory_directly if {
 	d := decide("memory.write", "committer", null, envelope, {})
+	not d.allow
+}
+
+test_worker_may_not_write_scratch_of_another_task if {
+	d := decide("memory.write", "worker", null, envelope, {"task_id": "t-2", "key": "notes"})
+	not d.allow
+	"a scratch write needs a handoff envelope for the task it touches" in d.reasons
+}
+
+test_scratch_write_without_task_denied if {
+	d := decide("memory.write", "worker", null, envelope, {})
+	not d.allow
+}
+
+# Values bound to local variables first: rego-cpp ignores a rule reference after `as`.
+goal_commit(tools, depends_on, memory) := d if {
+	principal := as_role("committer")
+	intent := {"task_id": "t-1", "depends_on": depends_on}
+	tool := email_send
+	env := envelope
+	d := gateway.decision with input.action as "commit" with input.principal as principal with input.tool as tool with input.envelope as env with input.intent as intent with input.memory as memory with data.memory.goal_dependency_tools as tools
+}
+
+goal_at_3 := {"goals/t-1": {"revision": 3}}
+
+test_goal_dependency_not_required_by_default if {
+	d := goal_commit([], null, goal_at_3)
+	d.allow
+}
+
+test_goal_dependency_required_and_current if {
+	d := goal_commit(["email.*"], [{"namespace": "goals", "key": "t-1", "revision": 3}], goal_at_3)
+	d.allow
+}
+
+test_goal_dependency_required_but_stale if {
+	d := goal_commit(["email.*"], [{"namespace": "goals", "key": "t-1", "revision": 2}], goal_at_3)
+	not d.allow
+	"this tool must depend on the current revision of the task's goal" in d.reasons
+}
+
+test_goal_dependency_required_but_missing if {
+	d := goal_commit(["email.*"], null, goal_at_3)
 	not d.allow
 }

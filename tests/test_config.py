@@ -33,7 +33,10 @@ def test_no_file_means_embedded_defaults(tmp_path: Path, monkeypatch: pytest.Mon
         ({"gateway": {"max_body_bytes": -1}}, "gateway.max_body_bytes"),
         ({"tools": [{"name": "a", "upstream": "ftp://x"}]}, "tools.0.upstream"),
         ({"tools": [{"name": "a", "upstream": "http://x", "effect": "maybe"}]}, "tools.0.effect"),
-        ({"tools": [{"name": "a", "upstream": "http://x"}, {"name": "a", "upstream": "http://y"}]}, "duplicate"),
+        (
+            {"tools": [{"name": "a", "upstream": "http://x"}, {"name": "a", "upstream": "http://y"}]},
+            "duplicate",
+        ),
         ({"tools": [{"name": "a", "upstream": "http://x", "compensation": "b"}]}, "no tool named 'b'"),
         ({"gateway": {"idempotency_ttl_seconds": 60}}, "gateway.idempotency_ttl_seconds"),
     ],

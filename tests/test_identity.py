@@ -533,3 +533,24 @@ async def test_revocation_reaches_another_replica_within_a_second(database_url: 
             await poller
         await replica_a.close()
         await replica_b.close()
+
+
+async def test_a_cached_token_is_still_checked_for_revocation_and_expiry(
+    keys_dir: Path, revocations: Revocations
+) -> None:
+    """Verified tokens are remembered (the signature check dominates a call's cost);
+    revocation and the time window must still apply to every later use."""
+    verifier = TokenVerifier([Issuer(iss=DEV_ISSUER, leeway=0)], AUD, keys_dir, revocations)
+    key = load_private_key(keys_dir / "issuer.key.pem")
+    short = f"Bearer {mint_role_token(key, iss=DEV_ISSUER, sub='w-8', role='worker', audience=AUD, ttl=1)}"
+    await verifier.verify(short)
+    await asyncio.sleep(1.1)
+    with pytest.raises(problems.TokenInvalid, match="expired"):
+        await verifier.verify(short)
+
+    header = f"Bearer {mint_role_token(key, iss=DEV_ISSUER, sub='w-9', role='worker', audience=AUD, ttl=120)}"
+    first = await verifier.verify(header)
+    assert (await verifier.verify(header)) is first  # served from the cache
+    await revocations.revoke("sub", "w-9")
+    with pytest.raises(problems.TokenInvalid, match="revoked"):
+        await verifier.verify(header)

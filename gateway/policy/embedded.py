@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -128,11 +127,10 @@ class EmbeddedEngine:
         policy = self._policy
         if policy is None:
             raise PolicyUnavailable(f"no policy loaded: {self._last_reload['error']}")
-        input_json = json.dumps(input)
         loop = asyncio.get_running_loop()
         try:
             raw, eval_ns = await loop.run_in_executor(
-                self._executor, rego.evaluate, policy, input_json, DECISION_PATH
+                self._executor, rego.evaluate, policy, input, DECISION_PATH
             )
         except RuntimeError as error:  # the executor is shut down: the engine was stopped
             raise PolicyUnavailable(f"policy engine stopped: {error}") from None

@@ -1,0 +1,393 @@
+"""The ledger (contract §7): an append-only, hash-chained record of every protocol event.
+
+    hash_n = SHA-256( RFC 8785 canonical JSON of entry_n  ||  bytes of hash_{n-1} )
+
+with hash_0 = 64 zeros. Every append increments the single `ledger_head` row first:
+that UPDATE takes the row lock on PostgreSQL (and the write lock on SQLite), so appends
+from every gateway process queue up into one order, inside the caller's transaction.
+Append last in a transaction, so the head lock is held as briefly as possible.
+
+`verify` recomputes the chain and names the first bad entry; checkpoints are the
+gateway's Ed25519 signature over (seq, hash), storable outside the database, so a
+rewritten chain cannot be passed off as the signed one.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import rfc8785
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from sqlalchemy import LargeBinary, bindparam, select, text, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from gateway.keys import PublicKey, kid_for
+from gateway.storage import Database
+from gateway.storage.models import LedgerCheckpoint, LedgerEntry, LedgerHead
+
+GENESIS = "0" * 64
+CHECKPOINT_TYPE = "agent-gateway-ledger-checkpoint"
+EVENTS = frozenset(
+    {
+        "proposed",
+        "verified",
+        "rejected",
+        "commit_started",
+        "committed",
+        "failed",
+        "unknown",
+        "compensation_started",
+        "compensated",
+        "compensation_failed",
+        "approval_requested",
+        "approval_decided",
+        "approval_approved",
+        "approval_denied",
+        "approval_expired",
+        "approval_executed",
+        "memory_written",
+        "memory_conflict",
+    }
+)
+
+
+class LedgerError(Exception):
+    """The ledger cannot be appended to (missing head row, unknown event)."""
+
+
+def utc(value: datetime) -> datetime:
+    # SQLite hands back naive datetimes; everything is stored in UTC.
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def timestamp(value: datetime) -> str:
+    return utc(value).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def digest(data: bytes | Any) -> str:
+    """`sha256:<hex>` of bytes, or of the canonical JSON of any other value."""
+    raw = data if isinstance(data, bytes) else rfc8785.dumps(data)
+    return "sha256:" + hashlib.sha256(raw).hexdigest()
+
+
+def document(entry: LedgerEntry) -> dict[str, Any]:
+    """What the hash covers: every column but the hashes themselves."""
+    return {
+        "seq": entry.seq,
+        "at": timestamp(entry.at),
+        "event": entry.event,
+        "actor": {"sub": entry.actor_sub, "role": entry.actor_role},
+        "task_id": entry.task_id,
+        "intent_id": entry.intent_id,
+        "decision_id": entry.decision_id,
+        "parent": entry.parent,
+        "request_digest": entry.request_digest,
+        "effect_digest": entry.effect_digest,
+        "trace_id": entry.trace_id,
+        "data": entry.data,
+    }
+
+
+def chain_hash(entry: LedgerEntry, prev_hash: str) -> str:
+    return hashlib.sha256(rfc8785.dumps(document(entry)) + bytes.fromhex(prev_hash)).hexdigest()
+
+
+def render(entry: LedgerEntry) -> dict[str, Any]:
+    return {**document(entry), "prev_hash": entry.prev_hash, "hash": entry.hash}
+
+
+def _actor(actor: Any) -> tuple[str | None, str | None]:
+    if actor is None:
+        return None, None
+    if isinstance(actor, Mapping):
+        return actor.get("sub"), actor.get("role")
+    return getattr(actor, "sub", None), getattr(actor, "role", None)
+
+
+async def ensure_head(db: Database) -> None:
+    """Create the head row once; concurrent replicas race harmlessly."""
+    insert = pg_insert if db.dialect == "postgresql" else sqlite_insert
+    statement = (
+        insert(LedgerHead).values(id=1, seq=0, hash=GENESIS, prev_hash=GENESIS).on_conflict_do_nothing()
+    )
+    async with db.transaction() as session:
+        await session.execute(statement)
+
+
+# On PostgreSQL one statement takes the head's row lock, hashes and inserts: the lock is
+# then held for that statement and the COMMIT only, however busy the event loop is.
+# The canonical document is split around its `seq` value, which only the database knows.
+_PG_APPEND = text(
+    """
+    WITH head AS (
+        UPDATE ledger_head
+        SET seq = seq + 1, prev_hash = hash,
+            hash = encode(sha256(:prefix || convert_to(CAST(seq + 1 AS text), 'UTF8') || :suffix
+                                 || decode(hash, 'hex')), 'hex')
+        WHERE id = 1
+        RETURNING seq, prev_hash, hash
+    )
+    INSERT INTO ledger (seq, at, event, actor_sub, actor_role, task_id, intent_id, decision_id, parent,
+                        request_digest, effect_digest, trace_id, data, prev_hash, hash)
+    SELECT head.seq, CAST(:at AS timestamptz), :event, :actor_sub, :actor_role, :task_id, :intent_id,
+           :decision_id, :parent, :request_digest, :effect_digest, :trace_id, CAST(:data AS json),
+           head.prev_hash, head.hash
+    FROM head
+    RETURNING seq, prev_hash, hash
+    """
+).bindparams(bindparam("prefix", type_=LargeBinary), bindparam("suffix", type_=LargeBinary))
+_SEQ_MARK = 7_390_518_246_183
+
+
+def _split_document(entry: LedgerEntry) -> tuple[bytes, bytes] | None:
+    entry.seq = _SEQ_MARK
+    canonical = rfc8785.dumps(document(entry))
+    mark = b'"seq":%d' % _SEQ_MARK
+    if canonical.count(mark) != 1:
+        return None
+    prefix, suffix = canonical.split(mark)
+    return prefix + b'"seq":', suffix
+
+
+async def append(
+    session: AsyncSession,
+    *,
+    event: str,
+    actor: Any = None,
+    task_id: str | None = None,
+    intent_id: str | None = None,
+    decision_id: str | None = None,
+    parent: str | None = None,
+    request_digest: str | None = None,
+    effect_digest: str | None = None,
+    trace_id: str | None = None,
+    data: dict[str, Any] | None = None,
+) -> LedgerEntry:
+    """Append one entry inside the caller's transaction; it commits or rolls back with it.
+
+    Call it last in the transaction: the head stays locked until the transaction ends.
+    """
+    if event not in EVENTS:
+        raise LedgerError(f"unknown ledger event {event!r}")
+    sub, role = _actor(actor)
+    entry = LedgerEntry(
+        at=datetime.now(UTC),
+        event=event,
+        actor_sub=sub,
+        actor_role=role,
+        task_id=task_id,
+        intent_id=intent_id,
+        decision_id=decision_id,
+        parent=parent,
+        request_digest=request_digest,
+        effect_digest=effect_digest,
+        trace_id=trace_id,
+        data=data or {},
+    )
+    split = _split_document(entry) if session.bind.dialect.name == "postgresql" else None
+    if split is not None:
+        values = {column: getattr(entry, column) for column in _COLUMNS}
+        values["data"] = json.dumps(entry.data)
+        row = (
+            await session.execute(_PG_APPEND, {**values, "prefix": split[0], "suffix": split[1]})
+        ).one_or_none()
+        if row is None:
+            raise LedgerError("the ledger head row is missing; start the gateway once to create it")
+        entry.seq, entry.prev_hash, entry.hash = int(row[0]), str(row[1]), str(row[2])
+        if chain_hash(entry, entry.prev_hash) != entry.hash:  # the database hashed what we meant
+            raise LedgerError(f"ledger entry {entry.seq} hashed differently in the database")
+        return entry
+    head = LedgerHead.__table__
+    bumped = await session.execute(
+        update(head).where(head.c.id == 1).values(seq=head.c.seq + 1).returning(head.c.seq, head.c.hash)
+    )
+    row = bumped.one_or_none()
+    if row is None:
+        raise LedgerError("the ledger head row is missing; start the gateway once to create it")
+    entry.seq, entry.prev_hash = int(row[0]), str(row[1])
+    entry.hash = chain_hash(entry, entry.prev_hash)
+    session.add(entry)
+    await session.execute(
+        update(head).where(head.c.id == 1).values(hash=entry.hash, prev_hash=entry.prev_hash)
+    )
+    return entry
+
+
+_COLUMNS = (
+    "at",
+    "event",
+    "actor_sub",
+    "actor_role",
+    "task_id",
+    "intent_id",
+    "decision_id",
+    "parent",
+    "request_digest",
+    "effect_digest",
+    "trace_id",
+    "data",
+)
+
+
+# --- checkpoints --------------------------------------------------------------------
+
+
+def checkpoint_payload(seq: int, hash_: str, at: str) -> bytes:
+    return rfc8785.dumps({"type": CHECKPOINT_TYPE, "seq": seq, "hash": hash_, "at": at})
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+async def write_checkpoint(db: Database, private_key: ed25519.Ed25519PrivateKey) -> dict[str, Any]:
+    """Sign the current head and store the checkpoint; returns it as a JSON document."""
+    async with db.transaction() as session:
+        head = await session.get(LedgerHead, 1)
+        if head is None or head.seq == 0:
+            raise LedgerError("the ledger is empty; nothing to checkpoint")
+        existing = await session.get(LedgerCheckpoint, head.seq)
+        if existing is not None:
+            return checkpoint_document(existing)
+        at = datetime.now(UTC)
+        signature = private_key.sign(checkpoint_payload(head.seq, head.hash, timestamp(at)))
+        row = LedgerCheckpoint(
+            seq=head.seq,
+            hash=head.hash,
+            kid=kid_for(private_key.public_key()),
+            signature=_b64(signature),
+            at=at,
+        )
+        session.add(row)
+        return checkpoint_document(row)
+
+
+def checkpoint_document(row: LedgerCheckpoint) -> dict[str, Any]:
+    return {
+        "seq": row.seq,
+        "hash": row.hash,
+        "at": timestamp(row.at),
+        "kid": row.kid,
+        "signature": row.signature,
+    }
+
+
+# --- verification -------------------------------------------------------------------
+
+
+@dataclass
+class Verification:
+    entries: int = 0
+    checkpoints: int = 0
+    bad_seq: int | None = None
+    problem: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.problem is None
+
+    def fail(self, seq: int | None, problem: str) -> None:
+        if self.problem is None or (seq is not None and (self.bad_seq is None or seq < self.bad_seq)):
+            self.bad_seq, self.problem = seq, problem
+
+
+def _check_signature(cp: dict[str, Any], keys: Mapping[str, PublicKey]) -> str | None:
+    key = keys.get(cp.get("kid", ""))
+    if not isinstance(key, ed25519.Ed25519PublicKey):
+        return f"checkpoint at seq {cp['seq']} is signed by an unknown key {cp.get('kid')!r}"
+    try:
+        key.verify(_unb64(cp["signature"]), checkpoint_payload(cp["seq"], cp["hash"], cp["at"]))
+    except (InvalidSignature, ValueError):
+        return f"checkpoint at seq {cp['seq']} has an invalid signature"
+    return None
+
+
+async def verify(
+    db: Database,
+    public_keys: Iterable[PublicKey] = (),
+    external: Iterable[dict[str, Any]] = (),
+    *,
+    page: int = 2000,
+) -> Verification:
+    """Recompute the whole chain; check the head row and every checkpoint against it."""
+    report = Verification()
+    keys = {kid_for(key): key for key in public_keys}
+    async with db.sessions() as session:
+        stored = [
+            checkpoint_document(row) for row in (await session.execute(select(LedgerCheckpoint))).scalars()
+        ]
+        checkpoints = stored + [dict(cp) for cp in external]
+        wanted = {int(cp["seq"]) for cp in checkpoints}
+        seen: dict[int, str] = {}
+        prev_hash, expected = GENESIS, 1
+        while True:
+            rows = (
+                (
+                    await session.execute(
+                        select(LedgerEntry)
+                        .where(LedgerEntry.seq >= expected)
+                        .order_by(LedgerEntry.seq)
+                        .limit(page)
+                    )
+                )
+                .scalars()
+                .all()
+            )
+            for entry in rows:
+                if entry.seq != expected:
+                    report.fail(expected, f"entry {expected} is missing (next is {entry.seq})")
+                    return report
+                if entry.prev_hash != prev_hash:
+                    report.fail(entry.seq, f"entry {entry.seq} does not link to entry {entry.seq - 1}")
+                    return report
+                if chain_hash(entry, prev_hash) != entry.hash:
+                    report.fail(entry.seq, f"entry {entry.seq} was altered (its hash does not match)")
+                    return report
+                if entry.seq in wanted:
+                    seen[entry.seq] = entry.hash
+                prev_hash, expected = entry.hash, expected + 1
+                report.entries += 1
+            if len(rows) < page:
+                break
+            session.expunge_all()
+        head = await session.get(LedgerHead, 1)
+    last = expected - 1
+    if head is not None and (head.seq, head.hash) != (last, prev_hash):
+        report.fail(
+            last + 1 if head.seq > last else head.seq,
+            f"the head says seq {head.seq} but the chain ends at {last}",
+        )
+    for cp in sorted(checkpoints, key=lambda item: int(item["seq"])):
+        problem = _check_signature(cp, keys)
+        seq = int(cp["seq"])
+        if problem is None and seq not in seen:
+            problem = f"checkpoint at seq {seq} is beyond the end of the chain ({last}): entries were removed"
+        elif problem is None and seen[seq] != cp["hash"]:
+            problem = f"entry {seq} differs from the signed checkpoint"
+        if problem:
+            report.fail(seq, problem)
+        else:
+            report.checkpoints += 1
+    return report
+
+
+def load_checkpoint_file(path: Path) -> dict[str, Any]:
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    if not isinstance(data, dict) or not {"seq", "hash", "at", "kid", "signature"} <= data.keys():
+        raise ValueError(f"{path}: not a ledger checkpoint")
+    return data

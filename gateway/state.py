@@ -1,0 +1,134 @@
+"""The running gateway: configuration plus every long-lived component, started and stopped together."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from gateway import memory
+from gateway.approvals.sweep import ApprovalSweeper
+from gateway.commits.recovery import Recovery
+from gateway.config import Config
+from gateway.credentials import AssertionSigner, Credentials
+from gateway.envelopes import EnvelopeVerifier
+from gateway.identity import Revocations, TokenVerifier
+from gateway.keys import generate_dev_keys
+from gateway.ledger import ensure_head
+from gateway.mcp import McpServers
+from gateway.metrics import Metrics
+from gateway.policy import DecisionLog, PolicyEngine, build_engine
+from gateway.proxy import Forwarder
+from gateway.ratelimits import RateLimiter
+from gateway.schemas import ToolSchemas
+from gateway.storage import Database, upgrade_database
+from gateway.storage.models import Intent, LedgerEntry
+
+log = logging.getLogger("gateway")
+
+# (session, intent, its `committed` ledger entry), inside the transaction that records the commit.
+CommitHook = Callable[[AsyncSession, Intent, LedgerEntry], Awaitable[None]]
+# (session, intent), inside the transaction that makes the intent `executing`; raising refuses.
+ReserveHook = Callable[[AsyncSession, Intent], Awaitable[None]]
+T = TypeVar("T")
+
+
+class Gateway:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.instance_id = uuid.uuid4().hex[:12]
+        self.keys_dir = config.path(config.gateway.keys_dir)
+        self.db = Database(
+            config.database_url,
+            pool_size=config.gateway.db_pool_size,
+            max_overflow=config.gateway.db_max_overflow,
+        )
+        self.revocations = Revocations(self.db)
+        self.tokens = TokenVerifier(
+            config.issuers,
+            config.gateway.audience,
+            self.keys_dir,
+            self.revocations,
+            base_dir=Path(config.base_dir),
+        )
+        self.envelopes = EnvelopeVerifier(config, self.keys_dir)
+        self.schemas = ToolSchemas(config)
+        log_path = config.gateway.decision_log
+        self.decision_log = DecisionLog(
+            config.path(log_path) if log_path else None, instance_id=self.instance_id
+        )
+        self.policy: PolicyEngine = build_engine(config, self.decision_log)
+        self.forwarder = Forwarder(config.gateway.timeouts)
+        self.draining = False
+        self.metrics = Metrics()
+        self.limiter = RateLimiter(config, self.metrics)
+        self.credentials = Credentials(config)  # ConfigError now if a value is missing
+        self.mcp = McpServers(config, self.credentials)
+        self.assertions = AssertionSigner(config)
+        # Work that must finish even when its request is cancelled: stop() waits for it.
+        self.executions: set[asyncio.Future[Any]] = set()
+        # Commit protocol: how long a racing commit waits for the winner's stored result,
+        # callbacks run in the transaction that records a commit (memory writes), recovery.
+        self.commit_wait = 2.0
+        self.commit_hooks: list[CommitHook] = []
+        self.reserve_hooks: list[ReserveHook] = []
+        self.recovery = Recovery(self)
+        memory.install(self)  # reserve/commit hooks, and the goals behind `goal_revision`
+        self.approvals = ApprovalSweeper(self)  # expiry, webhooks (ConfigError if its secret is unset)
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        if not self.config.issuers:
+            # Embedded defaults: the dev issuer. Only missing files are created.
+            created = generate_dev_keys(self.keys_dir)
+            if created:
+                log.warning("generated dev keys in %s (never use them in production)", self.keys_dir)
+        if self.assertions.required:
+            self.assertions.load()
+        await upgrade_database(self.config.database_url)
+        await self.revocations.refresh()
+        await self.policy.start()
+        await self.forwarder.start()
+        await self.limiter.start()
+        await self.mcp.start()
+        await ensure_head(self.db)
+        await self.recovery.start()
+        await self.approvals.start()
+        self._tasks.append(asyncio.create_task(self.revocations.run()))
+
+    def run_to_completion(self, work: Coroutine[Any, Any, T]) -> asyncio.Future[T]:
+        """Run `work` (a commit's tool call and its record) so that a clean stop waits for it.
+
+        Callers shield the future: a cancelled request leaves the work running, and
+        stop() closes nothing it needs until it is done, so a clean shutdown never
+        leaves an intent `executing`.
+        """
+        future = asyncio.ensure_future(work)
+        self.executions.add(future)
+        future.add_done_callback(self.executions.discard)
+        return future
+
+    async def stop(self) -> None:
+        if self.executions:
+            timeouts = self.config.gateway.timeouts
+            log.info("waiting for %d commit(s) in flight", len(self.executions))
+            await asyncio.wait(set(self.executions), timeout=timeouts.connect + timeouts.read + 15)
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        await self.approvals.stop()
+        await self.recovery.stop()
+        await self.forwarder.stop()
+        await self.mcp.stop()
+        await self.policy.stop()
+        await self.limiter.stop()
+        self.decision_log.close()
+        await self.db.close()
