@@ -1,0 +1,58 @@
+"""The approvals' background work, one task per gateway process: expire, resume, notify.
+
+Every `sweep_interval` seconds: pending approvals past their deadline expire, approved
+intents whose approver's request died before the commit ran are run, and queued
+webhooks are sent. Each step claims rows with conditional UPDATEs, so replicas
+sweeping the same database never do the same work twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import TYPE_CHECKING
+
+from gateway.approvals import store
+from gateway.approvals.webhook import Webhook
+
+if TYPE_CHECKING:
+    from gateway.state import Gateway
+
+log = logging.getLogger("gateway.approvals")
+
+
+class ApprovalSweeper:
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.interval = gateway.config.approvals.sweep_interval
+        self.webhook = Webhook.from_config(gateway.config.approvals)  # ConfigError now if the secret is unset
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="approvals-sweep")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self.webhook is not None:
+            await self.webhook.close()
+
+    async def sweep(self) -> None:
+        await store.expire_due(self.gateway)
+        await store.resume_approved(self.gateway)
+        if self.webhook is not None:
+            await self.webhook.deliver_due(self.gateway)
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.sweep()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - a failed sweep is retried at the next tick
+                log.exception("approvals sweep failed")
+            await asyncio.sleep(self.interval)
