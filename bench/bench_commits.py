@@ -1,0 +1,297 @@
+"""Commit-protocol benchmark (issue 4): commits per second through the whole protocol.
+
+    python bench/bench_commits.py                   # SQLite and PostgreSQL, 1 and 3 gateway processes
+    python bench/bench_commits.py --db postgresql --processes 3 --intents 2000
+    python bench/bench_commits.py --quick           # fewer intents per cell
+
+Per cell (database x gateway processes), all on 127.0.0.1, everything fresh:
+
+    protocol   N intents, each proposed, verified and committed (3 requests, 2 role
+               tokens + envelopes, policy 3 times, ~5 ledger appends), C at a time
+    commit     N more intents proposed and verified first; then only their commits, C at a time
+    latency    200 commits one after another, against 200 direct POSTs to the same tool:
+               the difference of the medians is what the commit protocol adds
+
+The gateways are `python -m gateway serve` processes sharing one database (a fresh
+SQLite file, or a fresh PostgreSQL database on 127.0.0.1:5432); the tool upstream is the
+demo upstream (`gateway.demo.upstream`) in its own uvicorn process; the load generator
+is this process (aiohttp), spread round-robin over the gateways. Afterwards the upstream
+must have seen exactly one call per intent and `agent-gateway ledger verify` must pass.
+The exit status is 0 whatever the figures: this is a measurement, not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tests.conftest import create_pg_database, drop_pg_database  # noqa: E402
+from tests.processes import GatewayProcess, environment, ledger_verify, write_config  # noqa: E402
+from tests.protocol import Agents  # noqa: E402
+from tests.servers import free_port  # noqa: E402
+
+
+@contextlib.contextmanager
+def upstream_process() -> Iterator[str]:
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "--factory",
+            "gateway.demo.upstream:create_upstream",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+            "--no-access-log",
+            # Longer than the gateway pool keeps idle connections (aiohttp: 15 s), so a pooled
+            # connection is never closed under a commit (that outcome would be `unknown`).
+            "--timeout-keep-alive",
+            "75",
+        ],
+        env=environment(),
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                import urllib.request
+
+                urllib.request.urlopen(url + "/_effects", timeout=1).read()  # noqa: S310 - loopback
+                break
+            time.sleep(0.1)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+async def timed(concurrency: int, jobs: list[Callable[[], Awaitable[Any]]]) -> tuple[float, list[float]]:
+    queue = list(reversed(jobs))
+    latencies: list[float] = []
+
+    async def worker() -> None:
+        while queue:
+            job = queue.pop()
+            started = time.perf_counter()
+            await job()
+            latencies.append(time.perf_counter() - started)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return time.perf_counter() - started, latencies
+
+
+class Driver:
+    def __init__(self, session: aiohttp.ClientSession, urls: list[str], agents: Agents, task: str) -> None:
+        self.session, self.urls, self.agents, self.task = session, urls, agents, task
+        self.headers = {role: agents.headers(role, task) for role in ("planner", "verifier", "committer")}
+        self.turn = 0
+
+    def url(self) -> str:
+        self.turn += 1
+        return self.urls[self.turn % len(self.urls)]
+
+    async def post(self, path: str, role: str, body: Any = None, key: str | None = None) -> dict[str, Any]:
+        headers = dict(self.headers[role])
+        if key:
+            headers["Idempotency-Key"] = f'"{key}"'
+        async with self.session.post(self.url() + path, json=body, headers=headers) as response:
+            payload = await response.json(content_type=None)
+            if response.status not in (200, 201):
+                raise RuntimeError(f"{path}: {response.status} {payload}")
+            return dict(payload)
+
+    async def propose_verify(self, number: int) -> str:
+        proposal = {"task_id": self.task, "tool": "email.notify", "arguments": {"n": number}}
+        iid = (await self.post("/intents", "planner", proposal))["intent_id"]
+        await self.post(f"/intents/{iid}/verify", "verifier", {"verdict": "accept", "reason": "bench"})
+        return str(iid)
+
+    async def commit(self, iid: str) -> None:
+        result = await self.post(f"/intents/{iid}/commit", "committer", key=iid)
+        if result["status"] != "committed":
+            raise RuntimeError(f"commit of {iid}: {result}")
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU of these processes (all threads), from /proc: robust to other load."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / ticks
+
+
+def quantile(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100)[int(q * 100) - 1] if len(values) > 1 else values[0]
+
+
+async def run_cell(db: str, processes: int, intents: int, concurrency: int, folder: Path) -> dict[str, Any]:
+    pg_name = None
+    if db == "postgresql":
+        pg_name = await create_pg_database()
+        database_url = f"postgresql+asyncpg://postgres@127.0.0.1:5432/{pg_name}"
+    else:
+        database_url = f"sqlite+aiosqlite:///{folder}/gateway.db"
+    from gateway.keys import generate_dev_keys
+
+    keys = folder / "keys"
+    generate_dev_keys(keys)
+    try:
+        with upstream_process() as upstream:
+            config = write_config(
+                folder / "gateway.toml",
+                database_url=database_url,
+                upstream_url=upstream,
+                keys_dir=keys,
+                decision_log=True,
+            )
+            gateways = [GatewayProcess(config).start() for _ in range(processes)]
+            try:
+                for gateway in gateways:
+                    gateway.wait_ready(60)
+                return await measure(db, processes, intents, concurrency, gateways, upstream, keys, config)
+            finally:
+                for gateway in gateways:
+                    gateway.stop()
+    finally:
+        if pg_name:
+            await drop_pg_database(pg_name)
+
+
+async def measure(
+    db: str,
+    processes: int,
+    intents: int,
+    concurrency: int,
+    gateways: list[GatewayProcess],
+    upstream: str,
+    keys: Path,
+    config: Path,
+) -> dict[str, Any]:
+    urls = [gateway.url for gateway in gateways]
+    pids = [gateway.process.pid for gateway in gateways if gateway.process is not None]
+    # Below uvicorn's 5 s keep-alive: never reuse a connection the gateway is closing.
+    connector = aiohttp.TCPConnector(limit=concurrency * 2, keepalive_timeout=3)
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=aiohttp.ClientTimeout(total=120)
+    ) as session:
+        driver = Driver(session, urls, Agents(keys), f"bench-{uuid.uuid4().hex[:8]}")
+        await driver.commit(await driver.propose_verify(-1))  # warm up every path once
+
+        async def whole(number: int) -> None:
+            await driver.commit(await driver.propose_verify(number))
+
+        cpu = cpu_seconds(pids)
+        protocol_s, protocol_lat = await timed(concurrency, [lambda n=n: whole(n) for n in range(intents)])
+        protocol_cpu = cpu_seconds(pids) - cpu
+        ready: list[str] = []
+
+        async def prepare(number: int) -> None:
+            ready.append(await driver.propose_verify(number))
+
+        await timed(concurrency, [lambda n=n: prepare(intents + n) for n in range(intents)])
+        cpu = cpu_seconds(pids)
+        commit_s, commit_lat = await timed(concurrency, [lambda i=i: driver.commit(i) for i in ready])
+        commit_cpu = cpu_seconds(pids) - cpu
+
+        direct_lat: list[float] = []
+        serial_lat: list[float] = []
+        for number in range(200):
+            started = time.perf_counter()
+            async with session.post(f"{upstream}/effects/email.direct", json={"n": number}) as response:
+                await response.read()
+            direct_lat.append(time.perf_counter() - started)
+            iid = await driver.propose_verify(10 * intents + number)
+            started = time.perf_counter()
+            await driver.commit(iid)
+            serial_lat.append(time.perf_counter() - started)
+
+        async with session.get(f"{upstream}/_effects") as response:
+            calls = (await response.json())["calls"]
+    expected = 2 * intents + 200 + 1
+    verified = ledger_verify(config)
+    return {
+        "db": db,
+        "processes": processes,
+        "intents": intents,
+        "concurrency": concurrency,
+        "protocol_per_s": intents / protocol_s,
+        "protocol_p50_ms": 1000 * statistics.median(protocol_lat),
+        "protocol_cpu_ms": 1000 * protocol_cpu / intents,
+        "commits_per_s": intents / commit_s,
+        "commit_cpu_ms": 1000 * commit_cpu / intents,
+        "commit_p50_ms": 1000 * statistics.median(commit_lat),
+        "commit_p99_ms": 1000 * quantile(commit_lat, 0.99),
+        "serial_commit_p50_ms": 1000 * statistics.median(serial_lat),
+        "direct_p50_ms": 1000 * statistics.median(direct_lat),
+        "added_p50_ms": 1000 * (statistics.median(serial_lat) - statistics.median(direct_lat)),
+        "upstream_calls_ok": calls.get("email.notify") == expected,
+        "ledger_verify_ok": verified.returncode == 0,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--db", choices=["sqlite", "postgresql"], action="append")
+    parser.add_argument("--processes", type=int, action="append")
+    parser.add_argument("--intents", type=int, default=1000)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--quick", action="store_true", help="300 intents per cell")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    intents = 300 if args.quick else args.intents
+    results = []
+    for db in args.db or ["sqlite", "postgresql"]:
+        for processes in args.processes or [1, 3]:
+            with tempfile.TemporaryDirectory(prefix="bench-commits-") as folder:
+                result = asyncio.run(run_cell(db, processes, intents, args.concurrency, Path(folder)))
+            results.append(result)
+            print(
+                json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in result.items()}),
+                flush=True,
+            )
+    print()
+    print(f"load average at the end: {os.getloadavg()}")
+    print(
+        "| database | gateways | protocol intents/s (gateway CPU ms each) | commits/s (gateway CPU ms each) "
+        "| commit p50 / p99 ms | serial commit p50 ms | direct call p50 ms | added p50 ms |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results:
+        print(
+            f"| {r['db']} | {r['processes']} | {r['protocol_per_s']:.0f} ({r['protocol_cpu_ms']:.1f}) "
+            f"| {r['commits_per_s']:.0f} ({r['commit_cpu_ms']:.1f}) "
+            f"| {r['commit_p50_ms']:.1f} / {r['commit_p99_ms']:.1f} | {r['serial_commit_p50_ms']:.1f} "
+            f"| {r['direct_p50_ms']:.1f} | {r['added_p50_ms']:.1f} |"
+        )
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
