@@ -17,6 +17,7 @@ from gateway import approvals, commits, intents, mcp, memory, metrics, openapi, 
 from gateway.config import Config
 from gateway.pipeline import handle_tool_call
 from gateway.problems import GatewayError, MethodNotAllowed, NotFound, problem_response
+from gateway.refusals import record_refusal
 from gateway.state import Gateway
 
 log = logging.getLogger("gateway")
@@ -77,6 +78,7 @@ def _trace_id(request: Request) -> str | None:
 
 async def on_gateway_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, GatewayError)
+    await record_refusal(request.app.state.gateway, request, exc)
     return problem_response(exc, trace_id=_trace_id(request))
 
 

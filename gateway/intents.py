@@ -95,6 +95,7 @@ class Step:
 
 async def begin(gateway: Gateway, request: Request) -> Step:
     principal = await gateway.tokens.verify(request.headers.get("authorization"))
+    request.state.principal = principal  # an authenticated refusal is ledgered (gateway.refusals)
     trace = from_traceparent(request.headers.get("traceparent"))
     body = await read_body(request, gateway.config.gateway.max_body_bytes)
     return Step(request, principal, trace, body)

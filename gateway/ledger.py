@@ -57,6 +57,7 @@ EVENTS = frozenset(
         "approval_executed",
         "memory_written",
         "memory_conflict",
+        "refused",
     }
 )
 

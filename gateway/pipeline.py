@@ -66,7 +66,9 @@ class Call:
 
 
 async def authenticate(gateway: Gateway, request: Request) -> Principal:
-    return await gateway.tokens.verify(request.headers.get("authorization"))
+    principal = await gateway.tokens.verify(request.headers.get("authorization"))
+    request.state.principal = principal  # an authenticated refusal is ledgered (gateway.refusals)
+    return principal
 
 
 def resolve_tool(gateway: Gateway, request: Request, principal: Principal) -> Call:

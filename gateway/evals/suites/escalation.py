@@ -4,9 +4,10 @@ The scenario text a worker "read" from a tool is the attack; what it then sends 
 what a compromised worker can send: a forged or self-signed handoff, a commit of a
 committer-only tool, another agent's token, an approval of its own commit.
 
-Refusals are not protocol events, so the ledger holds nothing for them: the checks
-are that the tool was not called, that no `committed` / `approval_decided` entry
-appeared, and (when the decision log is readable) that the policy refusal is in it.
+Every refusal of an authenticated agent is ledgered as a `refused` entry
+(gateway/refusals.py); the checks are that the tool was not called, that exactly one
+`refused` entry and no `committed` / `approval_decided` entry appeared, and (when the
+decision log is readable) that the policy refusal is in it.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ async def _refused(
     statuses: tuple[int, ...],
 ) -> Call:
     before = await h.upstream_calls()
+    refused_before = len(events(await h.ledger(intent_id=intent), "refused", intent))
     answer = await attempt
     after = await h.upstream_calls()
     check.expect(
@@ -46,8 +48,10 @@ async def _refused(
     )
     calls = sum(delta(before, after, tool) for tool in set(before) | set(after))
     check.expect(calls == 0, f"{label}: the tool upstream was called {calls} times")
-    committed = events(await h.ledger(intent_id=intent), "committed", intent)
-    check.expect(not committed, f"{label}: a committed ledger entry appeared")
+    entries = await h.ledger(intent_id=intent)
+    check.expect(not events(entries, "committed", intent), f"{label}: a committed ledger entry appeared")
+    refused = len(events(entries, "refused", intent)) - refused_before
+    check.expect(refused == 1, f"{label}: {refused} refused ledger entries recorded (want 1)")
     return answer
 
 
@@ -127,6 +131,10 @@ async def self_approval(h: Harness, check: Check) -> None:
     check.expect(
         not [e for e in events(entries, "approval_decided", intent) if e["actor"]["sub"] == "mallory"],
         "the self-approval was recorded as a decision",
+    )
+    refusals = [e for e in events(entries, "refused", intent) if e["actor"]["sub"] == "mallory"]
+    check.expect(
+        len(refusals) == 1, f"the self-approval left {len(refusals)} refused ledger entries (want 1)"
     )
     deny = await h.request(
         "POST",
