@@ -8,14 +8,15 @@ import re
 import shutil
 import sys
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from gateway.config import parse_config
-from gateway.policy import Decision, DecisionLog, PolicyError, build_engine
-from gateway.policy.decision import decision_from_result
+from gateway.policy import Decision, DecisionLog, PolicyError, build_engine, rego
+from gateway.policy.decision import DECISION_PATH, decision_from_result
 from gateway.policy.embedded import EmbeddedEngine
 from gateway.policy.opa import OpaEngine
 from gateway.policy.rego import check_in_subprocess, read_sources
@@ -282,17 +283,26 @@ async def test_test_files_do_not_affect_the_served_policy(engine: EmbeddedEngine
 
 
 async def test_concurrent_decisions_each_get_their_own_answer(tmp_path: Path) -> None:
-    """One regopy interpreter shared between threads mixes up inputs; one per thread must not."""
+    """One regopy interpreter shared between threads mixes up inputs; one per thread must not.
+
+    The engine decides on the event loop's thread, but several loops (replicas in one
+    process, the test servers) and the CLI evaluate from other threads at once."""
     write_policy(tmp_path, ECHO_POLICY)
-    engine = EmbeddedEngine(tmp_path, reload=False, workers=8)
+    engine = EmbeddedEngine(tmp_path, reload=False)
     await engine.start()
     try:
-        decisions = await asyncio.gather(*(engine.decide({"n": n}) for n in range(2000)))
+        decisions = await asyncio.gather(*(engine.decide({"n": n}) for n in range(500)))
+        policy = engine._policy
+        assert policy is not None
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            raws = list(pool.map(lambda n: rego.evaluate(policy, {"n": n}, DECISION_PATH)[0], range(2000)))
     finally:
         await engine.stop()
     for n, decision in enumerate(decisions):
         assert decision.reasons == [f"n={n}"]
         assert decision.allow is (n % 2 == 0)
+    for n, raw in enumerate(raws):
+        assert raw["result"]["reasons"] == [f"n={n}"], raw
 
 
 async def test_stopped_engine_is_unavailable(engine: EmbeddedEngine) -> None:
