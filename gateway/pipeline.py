@@ -176,8 +176,7 @@ async def forward(gateway: Gateway, call: Call) -> Response:
         "Gateway-Decision-Id": call.decision.decision_id,
         **response_headers(call.rate_limits),
     }
-    length = upstream.headers.get("Content-Length") or upstream.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) <= SMALL_BODY_BYTES:
+    if upstream.content_length is not None and upstream.content_length <= SMALL_BODY_BYTES:
         # A small, sized body is read whole: a StreamingResponse costs a task group and
         # a disconnect listener per request, which dominated the read path's overhead.
         body = b"".join([chunk async for chunk in upstream.body])

@@ -118,6 +118,8 @@ class UpstreamResponse:
     headers: dict[str, str]
     body: AsyncIterator[bytes]
     release: aiohttp.ClientResponse
+    # The upstream's declared length; Content-Length itself is not passed downstream.
+    content_length: int | None = None
 
 
 KEEPALIVE_SECONDS = 4.0
@@ -177,6 +179,7 @@ class Forwarder:
             downstream_response_headers(response.headers),
             _stream(response),
             response,
+            response.content_length,
         )
 
     async def call(
