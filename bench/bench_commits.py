@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -49,7 +50,7 @@ from tests.servers import free_port  # noqa: E402
 
 
 @contextlib.contextmanager
-def upstream_process() -> Iterator[str]:
+def upstream_process() -> Iterator[tuple[str, int]]:
     port = free_port()
     process = subprocess.Popen(
         [
@@ -80,7 +81,7 @@ def upstream_process() -> Iterator[str]:
                 urllib.request.urlopen(url + "/_effects", timeout=1).read()  # noqa: S310 - loopback
                 break
             time.sleep(0.1)
-        yield url
+        yield url, process.pid
     finally:
         process.terminate()
         process.wait(timeout=10)
@@ -139,16 +140,87 @@ def cpu_seconds(pids: list[int]) -> float:
     ticks = os.sysconf("SC_CLK_TCK")
     total = 0
     for pid in pids:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # a PostgreSQL backend that ended meanwhile
+            continue
         total += int(fields[11]) + int(fields[12])
     return total / ticks
+
+
+@contextlib.contextmanager
+def profiled(pids: list[int], folder: Path | None) -> Iterator[None]:
+    """py-spy (collapsed stacks, one file per gateway) around the commit phase, if asked."""
+    if folder is None:
+        yield
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    spies = [
+        subprocess.Popen(
+            ["py-spy", "record", "--pid", str(pid), "--format", "raw", "--rate", "200"]
+            + ["--output", str(folder / f"commit-{pid}.txt"), "--nonblocking"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for pid in pids
+    ]
+    time.sleep(1)
+    try:
+        yield
+    finally:
+        for spy in spies:
+            spy.send_signal(signal.SIGINT)
+        for spy in spies:
+            spy.wait(30)
+
+
+def cpu_split(upstream_pid: int) -> dict[str, float]:
+    """CPU seconds so far of the other parties: this load generator, the upstream, PostgreSQL
+    (every `postgres` process: the server is the machine's), and the whole machine (/proc/stat)."""
+    postgres = [
+        int(entry.name)
+        for entry in Path("/proc").iterdir()
+        if entry.name.isdigit() and _comm(entry) == "postgres"
+    ]
+    busy = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq = (int(value) for value in busy[:7])
+    return {
+        "loadgen": time.process_time(),
+        "upstream": cpu_seconds([upstream_pid]),
+        **{f"postgres {pid}": cpu_seconds([pid]) for pid in postgres},
+        "machine": (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK"),
+    }
+
+
+def cpu_spent(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """CPU seconds between two `cpu_split`s; PostgreSQL backends that ended meanwhile are lost."""
+    spent = {name: after[name] - before.get(name, 0.0) for name in after if not name.startswith("postgres ")}
+    spent["postgres"] = sum(
+        value - before.get(name, 0.0) for name, value in after.items() if name.startswith("postgres ")
+    )
+    return spent
+
+
+def _comm(entry: Path) -> str:
+    try:
+        return (entry / "comm").read_text().strip()
+    except OSError:
+        return ""
 
 
 def quantile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100)[int(q * 100) - 1] if len(values) > 1 else values[0]
 
 
-async def run_cell(db: str, processes: int, intents: int, concurrency: int, folder: Path) -> dict[str, Any]:
+async def run_cell(
+    db: str,
+    processes: int,
+    intents: int,
+    concurrency: int,
+    folder: Path,
+    profile: Path | None = None,
+    db_pool: int = 10,
+) -> dict[str, Any]:
     pg_name = None
     if db == "postgresql":
         pg_name = await create_pg_database()
@@ -160,19 +232,30 @@ async def run_cell(db: str, processes: int, intents: int, concurrency: int, fold
     keys = folder / "keys"
     generate_dev_keys(keys)
     try:
-        with upstream_process() as upstream:
+        with upstream_process() as (upstream, upstream_pid):
             config = write_config(
                 folder / "gateway.toml",
                 database_url=database_url,
                 upstream_url=upstream,
                 keys_dir=keys,
                 decision_log=True,
+                db_pool=db_pool,
             )
             gateways = [GatewayProcess(config).start() for _ in range(processes)]
             try:
                 for gateway in gateways:
                     gateway.wait_ready(60)
-                return await measure(db, processes, intents, concurrency, gateways, upstream, keys, config)
+                return await measure(
+                    db,
+                    processes,
+                    intents,
+                    concurrency,
+                    gateways,
+                    (upstream, upstream_pid),
+                    keys,
+                    config,
+                    profile,
+                )
             finally:
                 for gateway in gateways:
                     gateway.stop()
@@ -187,10 +270,12 @@ async def measure(
     intents: int,
     concurrency: int,
     gateways: list[GatewayProcess],
-    upstream: str,
+    upstream_at: tuple[str, int],
     keys: Path,
     config: Path,
+    profile: Path | None = None,
 ) -> dict[str, Any]:
+    upstream, upstream_pid = upstream_at
     urls = [gateway.url for gateway in gateways]
     pids = [gateway.process.pid for gateway in gateways if gateway.process is not None]
     # Below uvicorn's 5 s keep-alive: never reuse a connection the gateway is closing.
@@ -213,9 +298,11 @@ async def measure(
             ready.append(await driver.propose_verify(number))
 
         await timed(concurrency, [lambda n=n: prepare(intents + n) for n in range(intents)])
-        cpu = cpu_seconds(pids)
-        commit_s, commit_lat = await timed(concurrency, [lambda i=i: driver.commit(i) for i in ready])
+        cpu, others = cpu_seconds(pids), cpu_split(upstream_pid)
+        with profiled(pids, profile):
+            commit_s, commit_lat = await timed(concurrency, [lambda i=i: driver.commit(i) for i in ready])
         commit_cpu = cpu_seconds(pids) - cpu
+        others = cpu_spent(others, cpu_split(upstream_pid))
 
         direct_lat: list[float] = []
         serial_lat: list[float] = []
@@ -248,6 +335,7 @@ async def measure(
         "serial_commit_p50_ms": 1000 * statistics.median(serial_lat),
         "direct_p50_ms": 1000 * statistics.median(direct_lat),
         "added_p50_ms": 1000 * (statistics.median(serial_lat) - statistics.median(direct_lat)),
+        **{f"commit_cpu_ms_{name}": 1000 * value / intents for name, value in others.items()},
         "upstream_calls_ok": calls.get("email.notify") == expected,
         "ledger_verify_ok": verified.returncode == 0,
     }
@@ -263,13 +351,23 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--quick", action="store_true", help="300 intents per cell")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--db-pool", type=int, default=10, help="each gateway's db_pool_size and db_max_overflow"
+    )
+    parser.add_argument(
+        "--profile", type=Path, help="py-spy each gateway during the commit phase (pip install py-spy)"
+    )
     args = parser.parse_args()
     intents = 300 if args.quick else args.intents
     results = []
     for db in args.db or ["sqlite", "postgresql"]:
         for processes in args.processes or [1, 3]:
             with tempfile.TemporaryDirectory(prefix="bench-commits-") as folder:
-                result = asyncio.run(run_cell(db, processes, intents, args.concurrency, Path(folder)))
+                result = asyncio.run(
+                    run_cell(
+                        db, processes, intents, args.concurrency, Path(folder), args.profile, args.db_pool
+                    )
+                )
             results.append(result)
             print(
                 json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in result.items()}),
@@ -288,6 +386,16 @@ def main() -> None:
             f"| {r['commits_per_s']:.0f} ({r['commit_cpu_ms']:.1f}) "
             f"| {r['commit_p50_ms']:.1f} / {r['commit_p99_ms']:.1f} | {r['serial_commit_p50_ms']:.1f} "
             f"| {r['direct_p50_ms']:.1f} | {r['added_p50_ms']:.1f} |"
+        )
+    print()
+    print("CPU ms per commit in the commit phase, by process (machine: all CPU time of the machine)")
+    print("| database | gateways | gateways | load generator | upstream | PostgreSQL | machine |")
+    print("|---|---|---|---|---|---|---|")
+    for r in results:
+        print(
+            f"| {r['db']} | {r['processes']} | {r['commit_cpu_ms']:.2f} | {r['commit_cpu_ms_loadgen']:.2f} "
+            f"| {r['commit_cpu_ms_upstream']:.2f} | {r['commit_cpu_ms_postgres']:.2f} "
+            f"| {r['commit_cpu_ms_machine']:.2f} |"
         )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

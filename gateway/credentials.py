@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import jwt
-import rfc8785
 
+from gateway import canonical
 from gateway.config import Config, ConfigError, CredentialSource, GatewaySection, Tool
 from gateway.keys import KeyLoadError, PrivateKey, algorithm_for, kid_for, load_private_key, public_jwk
 
@@ -158,7 +158,7 @@ def signing_key_path(config: Config) -> Path:
 
 
 def arguments_digest(arguments: Any) -> str:
-    return "sha256:" + hashlib.sha256(rfc8785.dumps(arguments)).hexdigest()
+    return "sha256:" + hashlib.sha256(canonical.dumps(arguments)).hexdigest()
 
 
 class AssertionSigner:

@@ -22,6 +22,7 @@ import json
 import re
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ from typing import Any
 import jwt
 
 from gateway.config import Agent, Config, ConfigError
-from gateway.identity import KeySet, Principal
+from gateway.identity import CACHE_ENTRIES, CACHE_SECONDS, KeySet, Principal
 from gateway.keys import KeyLoadError, PrivateKey, algorithm_for, kid_for
 from gateway.problems import Conflict, EnvelopeUnauthenticated, Forbidden, Unprocessable
 
@@ -212,11 +213,17 @@ class EnvelopeVerifier:
         self.agents = AgentKeys(config.agents, config, keys_dir)
         # Public so the goal store can be plugged in after the gateway is built.
         self.goal_revision_of: GoalLookup = goal_revision_of or no_goal
+        # Authenticated envelopes by their exact text, for CACHE_SECONDS (like role tokens): a
+        # removed agent key stops working within that time. Claims are re-checked on every use.
+        self._authenticated: OrderedDict[str, tuple[dict[str, Any], str, float]] = OrderedDict()
 
-    async def verify(self, header: str | None, principal: Principal) -> Envelope | None:
+    async def verify(
+        self, header: str | None, principal: Principal, *, known_goal: tuple[str, int | None] | None = None
+    ) -> Envelope | None:
+        """`known_goal`: (task id, its goal's current revision) when the caller has just read it."""
         if header is None:
             return None
-        claims, kid = await self._authenticate(header.strip())
+        claims, kid = await self._authenticated_claims(header.strip())
         now = int(time.time())
         errors = claim_errors(claims, self.audience, self.versions, now)
         if errors:
@@ -234,7 +241,10 @@ class EnvelopeVerifier:
             raise DeadlinePassed(
                 f"handoff deadline passed {now - claims['exp']} s ago", deadline=claims["exp"]
             )
-        current = await self.goal_revision_of(claims["task_id"])
+        if known_goal is not None and known_goal[0] == claims["task_id"]:
+            current = known_goal[1]
+        else:
+            current = await self.goal_revision_of(claims["task_id"])
         expected = 0 if current is None else current
         if claims["goal_revision"] != expected:
             raise StaleGoal(
@@ -253,6 +263,17 @@ class EnvelopeVerifier:
             goal_revision=claims["goal_revision"],
             kid=kid,
         )
+
+    async def _authenticated_claims(self, token: str) -> tuple[dict[str, Any], str]:
+        cached = self._authenticated.get(token)
+        if cached is not None and time.monotonic() - cached[2] < CACHE_SECONDS:
+            return dict(cached[0]), cached[1]
+        claims, kid = await self._authenticate(token)
+        self._authenticated.pop(token, None)
+        if len(self._authenticated) >= CACHE_ENTRIES:
+            self._authenticated.popitem(last=False)
+        self._authenticated[token] = (dict(claims), kid, time.monotonic())
+        return claims, kid
 
     async def _authenticate(self, token: str) -> tuple[dict[str, Any], str]:
         if not token or len(token) > MAX_ENVELOPE_BYTES or token.count(".") != 2:

@@ -22,13 +22,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import rfc8785
 from sqlalchemy import and_, delete, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.responses import Response
 
+from gateway import canonical
 from gateway.problems import BadRequest, Conflict, Unprocessable
 from gateway.storage import Database
 from gateway.storage.models import IdempotencyRecord
@@ -77,14 +77,14 @@ def parse_key(header: str | None) -> str:
 
 
 def caller_scope(iss: str, sub: str) -> str:
-    return hashlib.sha256(rfc8785.dumps([iss, sub])).hexdigest()
+    return hashlib.sha256(canonical.dumps([iss, sub])).hexdigest()
 
 
 def fingerprint(target: str, body: bytes) -> str:
     """What the key is bound to: the target (intent or task) and the body, JSON canonicalized."""
     try:
-        normalized = rfc8785.dumps(json.loads(body)) if body.strip() else b""
-    except (ValueError, rfc8785.CanonicalizationError):
+        normalized = canonical.dumps(json.loads(body)) if body.strip() else b""
+    except (ValueError, canonical.CanonicalizationError):
         normalized = body
     return hashlib.sha256(target.encode() + b"\n" + hashlib.sha256(normalized).digest()).hexdigest()
 
@@ -126,15 +126,15 @@ def _insert(session: AsyncSession) -> Any:
     return pg_insert if session.bind.dialect.name == "postgresql" else sqlite_insert
 
 
-def _expired(record: IdempotencyRecord, now: datetime) -> bool:
+def expired(record: IdempotencyRecord, now: datetime | None = None) -> bool:
     expires = record.expires_at if record.expires_at.tzinfo else record.expires_at.replace(tzinfo=UTC)
-    return expires <= now
+    return expires <= (now or datetime.now(UTC))
 
 
 async def lookup(session: AsyncSession, ref: KeyRef) -> IdempotencyRecord | None:
     """The live record for the key, checked against the fingerprint (read-only fast path)."""
     record = await session.get(IdempotencyRecord, (ref.scope, ref.key))
-    if record is None or _expired(record, datetime.now(UTC)):
+    if record is None or expired(record):
         return None
     check_fingerprint(record, ref)
     return record

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-import rfc8785
 from sqlalchemy import select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -31,7 +30,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from gateway import ledger
+from gateway import canonical, ledger
 from gateway.config import MEMORY_TOOL, Tool
 from gateway.memory import names
 from gateway.memory import store as memory_store
@@ -68,14 +67,21 @@ def intent_id(task_id: str, tool: str, arguments: Any, memory: dict[str, Any] | 
     content = {"task_id": task_id, "tool": tool, "arguments": arguments}
     content.update({name: value for name, value in (memory or {}).items() if value is not None})
     try:
-        canonical = rfc8785.dumps(content)
-    except rfc8785.CanonicalizationError as error:
+        text = canonical.dumps(content)
+    except canonical.CanonicalizationError as error:
         raise IntentInvalid(f"arguments cannot be canonicalized (RFC 8785): {error}") from None
-    return "in_" + base64.b32encode(hashlib.sha256(canonical).digest()).decode().rstrip("=").lower()
+    return "in_" + base64.b32encode(hashlib.sha256(text).digest()).decode().rstrip("=").lower()
 
 
 def now() -> datetime:
     return datetime.now(UTC)
+
+
+class Unread:
+    """A value the caller has not read (unlike None, which can be a value read)."""
+
+
+UNREAD = Unread()
 
 
 @dataclass
@@ -101,8 +107,14 @@ async def begin(gateway: Gateway, request: Request) -> Step:
     return Step(request, principal, trace, body)
 
 
-async def check_envelope(gateway: Gateway, step: Step, task_id: str) -> None:
-    envelope = await gateway.envelopes.verify(step.request.headers.get("agent-handoff"), step.principal)
+async def check_envelope(
+    gateway: Gateway, step: Step, task_id: str, *, goal_revision: int | None | Unread = UNREAD
+) -> None:
+    """`goal_revision`: the task goal's current revision, when the caller read it with the intent."""
+    known = None if isinstance(goal_revision, Unread) else (task_id, goal_revision)
+    envelope = await gateway.envelopes.verify(
+        step.request.headers.get("agent-handoff"), step.principal, known_goal=known
+    )
     if envelope is not None and envelope.task_id != task_id:
         raise Unprocessable(
             f"the handoff envelope is for task {envelope.task_id!r}, not {task_id!r}", name="envelope-invalid"

@@ -23,7 +23,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import rfc8785
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from sqlalchemy import LargeBinary, bindparam, select, text, update
@@ -31,6 +30,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from gateway import canonical
 from gateway.keys import PublicKey, kid_for
 from gateway.storage import Database
 from gateway.storage.models import LedgerCheckpoint, LedgerEntry, LedgerHead
@@ -77,7 +77,7 @@ def timestamp(value: datetime) -> str:
 
 def digest(data: bytes | Any) -> str:
     """`sha256:<hex>` of bytes, or of the canonical JSON of any other value."""
-    raw = data if isinstance(data, bytes) else rfc8785.dumps(data)
+    raw = data if isinstance(data, bytes) else canonical.dumps(data)
     return "sha256:" + hashlib.sha256(raw).hexdigest()
 
 
@@ -100,7 +100,7 @@ def document(entry: LedgerEntry) -> dict[str, Any]:
 
 
 def chain_hash(entry: LedgerEntry, prev_hash: str) -> str:
-    return hashlib.sha256(rfc8785.dumps(document(entry)) + bytes.fromhex(prev_hash)).hexdigest()
+    return hashlib.sha256(canonical.dumps(document(entry)) + bytes.fromhex(prev_hash)).hexdigest()
 
 
 def render(entry: LedgerEntry) -> dict[str, Any]:
@@ -128,16 +128,19 @@ async def ensure_head(db: Database) -> None:
 # On PostgreSQL one statement takes the head's row lock, hashes and inserts: the lock is
 # then held for that statement and the COMMIT only, however busy the event loop is.
 # The canonical document is split around its `seq` value, which only the database knows.
-_PG_APPEND = text(
-    """
-    WITH head AS (
+# `PG_HEAD` and `PG_INSERT` are also the tail of the commit's one-statement steps
+# (`gateway.commits.onestatement`), with `{when}` a condition on their earlier parts.
+PG_HEAD = """
+    head AS (
         UPDATE ledger_head
         SET seq = seq + 1, prev_hash = hash,
             hash = encode(sha256(:prefix || convert_to(CAST(seq + 1 AS text), 'UTF8') || :suffix
                                  || decode(hash, 'hex')), 'hex')
-        WHERE id = 1
+        WHERE id = 1 {when}
         RETURNING seq, prev_hash, hash
     )
+"""
+PG_INSERT = """
     INSERT INTO ledger (seq, at, event, actor_sub, actor_role, task_id, intent_id, decision_id, parent,
                         request_digest, effect_digest, trace_id, data, prev_hash, hash)
     SELECT head.seq, CAST(:at AS timestamptz), :event, :actor_sub, :actor_role, :task_id, :intent_id,
@@ -145,23 +148,31 @@ _PG_APPEND = text(
            head.prev_hash, head.hash
     FROM head
     RETURNING seq, prev_hash, hash
-    """
-).bindparams(bindparam("prefix", type_=LargeBinary), bindparam("suffix", type_=LargeBinary))
+"""
+
+
+def pg_append_sql(ctes: str, when: str = "") -> str:
+    """One statement: `ctes` (`WITH a AS (…), b AS (…),`), then the append, made only if `when`."""
+    return ctes + PG_HEAD.format(when=when) + PG_INSERT
+
+
+_PG_APPEND = text(pg_append_sql("WITH")).bindparams(
+    bindparam("prefix", type_=LargeBinary), bindparam("suffix", type_=LargeBinary)
+)
 _SEQ_MARK = 7_390_518_246_183
 
 
 def _split_document(entry: LedgerEntry) -> tuple[bytes, bytes] | None:
     entry.seq = _SEQ_MARK
-    canonical = rfc8785.dumps(document(entry))
+    text = canonical.dumps(document(entry))
     mark = b'"seq":%d' % _SEQ_MARK
-    if canonical.count(mark) != 1:
+    if text.count(mark) != 1:
         return None
-    prefix, suffix = canonical.split(mark)
+    prefix, suffix = text.split(mark)
     return prefix + b'"seq":', suffix
 
 
-async def append(
-    session: AsyncSession,
+def new_entry(
     *,
     event: str,
     actor: Any = None,
@@ -174,14 +185,11 @@ async def append(
     trace_id: str | None = None,
     data: dict[str, Any] | None = None,
 ) -> LedgerEntry:
-    """Append one entry inside the caller's transaction; it commits or rolls back with it.
-
-    Call it last in the transaction: the head stays locked until the transaction ends.
-    """
+    """An entry not yet in the chain (no seq or hashes)."""
     if event not in EVENTS:
         raise LedgerError(f"unknown ledger event {event!r}")
     sub, role = _actor(actor)
-    entry = LedgerEntry(
+    return LedgerEntry(
         at=datetime.now(UTC),
         event=event,
         actor_sub=sub,
@@ -195,19 +203,44 @@ async def append(
         trace_id=trace_id,
         data=data or {},
     )
-    split = _split_document(entry) if session.bind.dialect.name == "postgresql" else None
-    if split is not None:
-        values = {column: getattr(entry, column) for column in _COLUMNS}
-        values["data"] = json.dumps(entry.data)
-        row = (
-            await session.execute(_PG_APPEND, {**values, "prefix": split[0], "suffix": split[1]})
-        ).one_or_none()
+
+
+def pg_params(entry: LedgerEntry) -> dict[str, Any] | None:
+    """The parameters of `PG_HEAD` + `PG_INSERT` for this entry (None: append another way)."""
+    split = _split_document(entry)
+    if split is None:
+        return None
+    values = {column: getattr(entry, column) for column in _COLUMNS}
+    values["data"] = json.dumps(entry.data)
+    return {**values, "prefix": split[0], "suffix": split[1]}
+
+
+def pg_appended(entry: LedgerEntry, params: dict[str, Any], row: Any) -> LedgerEntry:
+    """Take the (seq, prev_hash, hash) the database chained the entry with, checking the hash.
+
+    The canonical document with its seq is `prefix + seq + suffix` (an integer's canonical
+    form is its decimal digits), so the check needs no second canonicalization.
+    """
+    entry.seq, entry.prev_hash, entry.hash = int(row[0]), str(row[1]), str(row[2])
+    canonical = params["prefix"] + str(entry.seq).encode() + params["suffix"]
+    if hashlib.sha256(canonical + bytes.fromhex(entry.prev_hash)).hexdigest() != entry.hash:
+        raise LedgerError(f"ledger entry {entry.seq} hashed differently in the database")
+    return entry
+
+
+async def append(session: AsyncSession, **fields: Any) -> LedgerEntry:
+    """Append one entry inside the caller's transaction; it commits or rolls back with it.
+
+    Takes the fields of `new_entry`. Call it last in the transaction: the head stays
+    locked until the transaction ends.
+    """
+    entry = new_entry(**fields)
+    params = pg_params(entry) if session.bind.dialect.name == "postgresql" else None
+    if params is not None:
+        row = (await session.execute(_PG_APPEND, params)).one_or_none()
         if row is None:
             raise LedgerError("the ledger head row is missing; start the gateway once to create it")
-        entry.seq, entry.prev_hash, entry.hash = int(row[0]), str(row[1]), str(row[2])
-        if chain_hash(entry, entry.prev_hash) != entry.hash:  # the database hashed what we meant
-            raise LedgerError(f"ledger entry {entry.seq} hashed differently in the database")
-        return entry
+        return pg_appended(entry, params, row)
     head = LedgerHead.__table__
     bumped = await session.execute(
         update(head).where(head.c.id == 1).values(seq=head.c.seq + 1).returning(head.c.seq, head.c.hash)
@@ -244,7 +277,7 @@ _COLUMNS = (
 
 
 def checkpoint_payload(seq: int, hash_: str, at: str) -> bytes:
-    return rfc8785.dumps({"type": CHECKPOINT_TYPE, "seq": seq, "hash": hash_, "at": at})
+    return canonical.dumps({"type": CHECKPOINT_TYPE, "seq": seq, "hash": hash_, "at": at})
 
 
 def _b64(data: bytes) -> str:

@@ -520,3 +520,70 @@ async def test_read_tool_input_is_checked_against_its_inline_schema(
     response = await lookup_client.get("/tools/docs.lookup", params={"q": "ok"}, headers=headers)
     assert response.status_code == 200, response.text
     assert effects.calls["docs.search"] == 1
+
+
+# --- the cache of authenticated envelopes ------------------------------------------------------
+
+
+async def test_a_repeated_envelope_is_authenticated_once_and_still_checked_each_time(
+    keys_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    goals: dict[str, int] = {}
+
+    async def goal_revision_of(task_id: str) -> int | None:
+        return goals.get(task_id)
+
+    verifier = EnvelopeVerifier(parse_config({}, base_dir=tmp_path), keys_dir, goal_revision_of)
+    signature_checks = 0
+    authenticate = verifier._authenticate
+
+    async def counted(token: str) -> tuple[dict[str, Any], str]:
+        nonlocal signature_checks
+        signature_checks += 1
+        return await authenticate(token)
+
+    monkeypatch.setattr(verifier, "_authenticate", counted)
+    token = sign(claims(), agent_key(keys_dir, "planner"))
+    for _ in range(3):
+        assert (await verifier.verify(token, WORKER)) is not None
+    assert signature_checks == 1
+    # What is cached is the signature check only: the receiver, the goal and the deadline
+    # are judged on every use.
+    other = Principal(sub="committer", role="committer", iss="agent-gateway-dev", jti="j", exp=0, claims={})
+    with pytest.raises(EnvelopeSubjectMismatch):
+        await verifier.verify(token, other)
+    goals["t-1"] = 1
+    with pytest.raises(StaleGoal):
+        await verifier.verify(token, WORKER)
+    goals.clear()
+    real_time = time.time
+    monkeypatch.setattr(time, "time", lambda: real_time() + 400)
+    with pytest.raises(DeadlinePassed):
+        await verifier.verify(token, WORKER)
+    assert signature_checks == 1
+
+
+async def test_a_tampered_copy_of_a_cached_envelope_is_still_refused(
+    verifier: EnvelopeVerifier, keys_dir: Path
+) -> None:
+    token = sign(claims(), agent_key(keys_dir, "planner"))
+    assert (await verifier.verify(token, WORKER)) is not None
+    head, payload, signature = token.split(".")
+    forged = _b64(json.dumps(claims(sub="worker", task_id="t-other")).encode())
+    with pytest.raises(problems.EnvelopeUnauthenticated):
+        await verifier.verify(f"{head}.{forged}.{signature}", WORKER)
+
+
+async def test_the_goal_read_with_the_intent_is_used_for_its_task_only(
+    verifier: EnvelopeVerifier, keys_dir: Path
+) -> None:
+    async def at_two(task_id: str) -> int | None:
+        return 2
+
+    verifier.goal_revision_of = at_two
+    token = sign(claims(goal_revision=2), agent_key(keys_dir, "planner"))
+    assert (await verifier.verify(token, WORKER, known_goal=("t-1", 2))) is not None
+    with pytest.raises(StaleGoal):
+        await verifier.verify(token, WORKER, known_goal=("t-1", None))
+    # A revision read for another task is ignored: the goal store answers.
+    assert (await verifier.verify(token, WORKER, known_goal=("t-9", None))) is not None

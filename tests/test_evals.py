@@ -117,6 +117,12 @@ def test_staleness_catches_a_goal_check_that_is_a_no_op(monkeypatch: pytest.Monk
             return AnyRevision(0)
 
         gateway.envelopes.goal_revision_of = any_revision
+        verify = gateway.envelopes.verify
+
+        async def verify_with_the_goal_store(header: Any, principal: Any, **_: Any) -> Any:
+            return await verify(header, principal)  # not the revision a commit read with its intent
+
+        gateway.envelopes.verify = verify_with_the_goal_store
 
     monkeypatch.setattr(memory, "install", lenient_install)
     result = _failed(run("staleness"), "staleness")

@@ -23,17 +23,17 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-import rfc8785
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.requests import Request
 from starlette.responses import Response
 
-from gateway import idempotency, ledger
+from gateway import canonical, idempotency, ledger
+from gateway.commits import onestatement
 from gateway.commits.upstream import DONE, UNKNOWN, Outcome, call_tool
 from gateway.config import Tool
 from gateway.idempotency import AWAITING_APPROVAL, KeyRef, StoredResponse
-from gateway.intents import begin, check_envelope, decide, load, now, require_fresh, tool_of
+from gateway.intents import UNREAD, Unread, begin, check_envelope, decide, load, now, require_fresh, tool_of
 from gateway.memory.commits import MEMORY_TOOL, MemoryBusy, builtin_result
 from gateway.problems import PROBLEM_BASE, Conflict, Forbidden, GatewayError
 from gateway.storage.models import Approval, IdempotencyRecord, Intent
@@ -205,6 +205,10 @@ async def _reserve_once(
     request_digest: str | None,
 ) -> Ticket:
     async with gateway.db.transaction() as session:
+        # Locks in one order, intent then key then ledger head, as `onestatement.reserve` takes them.
+        await session.execute(
+            select(Intent.intent_id).where(Intent.intent_id == intent.intent_id).with_for_update()
+        )
         if ref is not None:
             held = await idempotency.claim(
                 session,
@@ -284,6 +288,41 @@ async def _settle_key(gateway: Gateway, ref: KeyRef, record: IdempotencyRecord) 
     raise _Busy
 
 
+async def _reserve_in_one_statement(
+    gateway: Gateway,
+    intent: Intent,
+    ref: KeyRef,
+    actor: dict[str, Any],
+    trace: TraceContext,
+    decision: Decision,
+    request_digest: str | None,
+) -> bool:
+    """The common case in one round trip; False when the general path must decide."""
+    if not onestatement.applies(gateway.db, intent):
+        return False
+    started = ledger.new_entry(
+        event="commit_started",
+        actor=actor,
+        task_id=intent.task_id,
+        intent_id=intent.intent_id,
+        decision_id=decision.decision_id,
+        parent=intent.intent_id,
+        request_digest=request_digest,
+        trace_id=trace.trace_id,
+        data={"executor": gateway.instance_id},
+    )
+    entry = await onestatement.reserve(
+        gateway.db,
+        intent,
+        ref,
+        executor=gateway.instance_id,
+        ttl=gateway.config.gateway.idempotency_ttl_seconds,
+        committer=actor,
+        started=started,
+    )
+    return entry is not None
+
+
 async def reserve(
     gateway: Gateway,
     intent: Intent,
@@ -295,6 +334,9 @@ async def reserve(
     allowed: tuple[str, ...] = ("verified", "approved"),
     request_digest: str | None = None,
 ) -> Ticket:
+    if ref is not None and decision is not None and not decision.require_approval:
+        if await _reserve_in_one_statement(gateway, intent, ref, actor, trace, decision, request_digest):
+            return Ticket()
     deadline = time.monotonic() + gateway.commit_wait
     pause = 0.01
     while True:
@@ -326,6 +368,28 @@ async def reserve(
             pause = min(pause * 2, 0.2)
 
 
+def _outcome_fields(
+    intent: Intent,
+    status: str,
+    outcome: Outcome,
+    actor: dict[str, Any],
+    trace: TraceContext,
+    decision_id: str | None,
+) -> dict[str, Any]:
+    """The ledger entry recording a commit's outcome."""
+    return {
+        "event": status,
+        "actor": actor,
+        "task_id": intent.task_id,
+        "intent_id": intent.intent_id,
+        "decision_id": decision_id,
+        "parent": intent.intent_id,
+        "trace_id": trace.trace_id,
+        "effect_digest": ledger.digest(outcome.raw) if outcome.kind != UNKNOWN else None,
+        "data": {key: value for key, value in outcome.result.items() if key in ("status", "error")},
+    }
+
+
 async def _finalize(
     gateway: Gateway,
     intent: Intent,
@@ -338,6 +402,19 @@ async def _finalize(
     decision_id: str | None,
     hooks: bool,
 ) -> None:
+    if onestatement.applies(gateway.db, intent):
+        fields = _outcome_fields(intent, status, outcome, actor, trace, decision_id)
+        recorded = await onestatement.record(
+            gateway.db,
+            intent,
+            ref,
+            response,
+            status=status,
+            executor=gateway.instance_id,
+            outcome=ledger.new_entry(**fields),
+        )
+        if recorded is not False:
+            return
     async with gateway.db.transaction() as session:
         changed = await session.execute(
             update(Intent)
@@ -359,16 +436,7 @@ async def _finalize(
             await idempotency.finish(session, ref, response)
         if changed.rowcount == 1:  # the ledger last: its head stays locked until COMMIT
             entry = await ledger.append(
-                session,
-                event=status,
-                actor=actor,
-                task_id=intent.task_id,
-                intent_id=intent.intent_id,
-                decision_id=decision_id,
-                parent=intent.intent_id,
-                trace_id=trace.trace_id,
-                effect_digest=ledger.digest(outcome.raw) if outcome.kind != UNKNOWN else None,
-                data={key: value for key, value in outcome.result.items() if key in ("status", "error")},
+                session, **_outcome_fields(intent, status, outcome, actor, trace, decision_id)
             )
             if status == "committed":
                 for hook in gateway.commit_hooks if hooks else ():
@@ -391,7 +459,7 @@ async def execute(
         started = time.perf_counter()
         if tool.name == MEMORY_TOOL:  # no upstream: its effect is the memory writes, applied below
             result = builtin_result(intent)
-            outcome = Outcome(DONE, result, rfc8785.dumps(result))
+            outcome = Outcome(DONE, result, canonical.dumps(result))
         else:
             outcome = await call_tool(
                 gateway,
@@ -473,15 +541,21 @@ async def commit(gateway: Gateway, request: Request) -> Response:
     intent_id = request.path_params["intent_id"]
     scope = idempotency.caller_scope(step.principal.iss, step.principal.sub)
     ref = KeyRef(scope, key, idempotency.fingerprint(intent_id, step.body))
-    async with gateway.db.reading() as session:
-        record = await idempotency.lookup(session, ref)
-        replay = (
-            idempotency.stored(record) if record is not None and record.state == idempotency.DONE else None
-        )
-        if replay is not None:
-            return replay.to_response(replayed=True)
-        intent = await load(session, intent_id)
-    await check_envelope(gateway, step, intent.task_id)
+    snapshot = await onestatement.read(gateway.db, intent_id, ref)
+    if snapshot is None:  # no such intent: a 404, unless the key already has its answer
+        async with gateway.db.reading() as session:
+            record = await idempotency.lookup(session, ref)
+            if record is not None and record.state == idempotency.DONE and idempotency.stored(record):
+                return _replay(record)
+            intent = await load(session, intent_id)
+        goal_revision: int | None | Unread = UNREAD
+    else:
+        record, intent, goal_revision = snapshot.record, snapshot.intent, snapshot.goal_revision
+        if record is not None and not idempotency.expired(record):
+            idempotency.check_fingerprint(record, ref)
+            if record.state == idempotency.DONE and idempotency.stored(record):
+                return _replay(record)
+    await check_envelope(gateway, step, intent.task_id, goal_revision=goal_revision)
     tool = tool_of(gateway, intent.tool)
     decision = await decide(gateway, step, "commit", tool, intent)
     ticket = await reserve(
@@ -500,6 +574,12 @@ async def commit(gateway: Gateway, request: Request) -> Response:
         gateway, intent, tool, ref=ref, actor=step.actor, trace=step.trace, decision_id=decision.decision_id
     )
     return response.to_response(extra=extra)
+
+
+def _replay(record: IdempotencyRecord) -> Response:
+    replay = idempotency.stored(record)
+    assert replay is not None
+    return replay.to_response(replayed=True)
 
 
 def unknown_after_crash(intent_id: str) -> StoredResponse:

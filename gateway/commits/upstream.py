@@ -18,9 +18,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
-import rfc8785
 
-from gateway import telemetry
+from gateway import canonical, telemetry
 from gateway.config import McpToolRef, Tool
 from gateway.credentials import upstream_headers
 from gateway.problems import UpstreamUnavailable
@@ -98,7 +97,7 @@ async def call_tool(
     try:
         with telemetry.span(f"execute_tool {tool.name}", trace, attributes):
             status, response_headers, body = await gateway.forwarder.call(
-                "POST", tool.upstream, headers, rfc8785.dumps(arguments)
+                "POST", tool.upstream, headers, canonical.dumps(arguments)
             )
     except UpstreamUnavailable as error:
         never_sent = isinstance(error.__cause__, aiohttp.ClientConnectorError)

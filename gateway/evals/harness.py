@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import rfc8785
 
+from gateway import canonical
 from gateway.envelopes import mint_envelope
 from gateway.identity import DEV_ISSUER, mint_role_token
 from gateway.keys import load_private_key
@@ -293,7 +293,7 @@ class Harness:
         previous = ZERO
         for entry in await self.ledger():
             document = {k: v for k, v in entry.items() if k not in ("prev_hash", "hash")}
-            expected = hashlib.sha256(rfc8785.dumps(document) + bytes.fromhex(previous)).hexdigest()
+            expected = hashlib.sha256(canonical.dumps(document) + bytes.fromhex(previous)).hexdigest()
             if entry.get("prev_hash") not in (previous, None):
                 problems.append(f"ledger seq {entry['seq']}: prev_hash does not link to the entry before")
             if entry.get("hash") != expected:

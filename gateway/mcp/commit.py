@@ -25,9 +25,7 @@ import json
 import re
 from typing import TYPE_CHECKING, Any
 
-import rfc8785
-
-from gateway import idempotency, ledger
+from gateway import canonical, idempotency, ledger
 from gateway.commits.execute import execute, reserve
 from gateway.idempotency import KeyRef, StoredResponse
 from gateway.intents import Step, decide, load, tool_of
@@ -75,7 +73,7 @@ def _same_call(call: McpCall, tool_name: str, arguments: Any) -> None:
     assert call.tool is not None
     if tool_name != call.tool.name:
         raise IntentMismatch(f"the intent is for tool {tool_name!r}, not {call.tool.name!r}")
-    if rfc8785.dumps(arguments if arguments is not None else {}) != rfc8785.dumps(call.arguments):
+    if canonical.dumps(arguments if arguments is not None else {}) != canonical.dumps(call.arguments):
         raise IntentMismatch(
             "the arguments differ from the verified intent's; send exactly the intent's arguments"
         )
