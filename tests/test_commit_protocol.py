@@ -428,3 +428,91 @@ async def test_high_risk_commit_waits_for_approval(gw: Any, effects: Any) -> Non
     replay = await client.post(f"/intents/{iid}/commit", headers=agents.headers("committer", task, key="p"))
     assert replay.status_code == 200 and replay.content == result.body.encode()
     assert effects.calls["payments.transfer"] == 1
+
+
+# --- the one-statement steps (PostgreSQL) and the general path behind them ---------------
+
+
+async def _key_rows(app: Any, key: str) -> list[Any]:
+    from sqlalchemy import select
+
+    from gateway.storage.models import IdempotencyRecord
+
+    async with app.state.gateway.db.reading() as session:
+        return list(
+            (await session.execute(select(IdempotencyRecord).where(IdempotencyRecord.key == key))).scalars()
+        )
+
+
+async def _events(client: httpx.AsyncClient, agents: Agents, task: str, iid: str) -> list[str]:
+    read = await client.get(f"/intents/{iid}", headers=agents.headers("worker", task))
+    return [item["event"] for item in read.json()["history"]]
+
+
+async def test_a_plain_commit_on_postgresql_never_needs_the_general_path(
+    gw: Any, effects: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gateway.commits import execute
+
+    client, app, agents = gw
+    if app.state.gateway.db.dialect != "postgresql":
+        pytest.skip("the one-statement reservation is PostgreSQL's")
+
+    async def general_path(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the general reservation ran")
+
+    monkeypatch.setattr(execute, "_reserve_once", general_path)
+    task = new_task()
+    iid = await propose_and_verify(client, agents, task, "email.notify", {"n": 1})
+    committed = await client.post(
+        f"/intents/{iid}/commit", headers=agents.headers("committer", task, key="p")
+    )
+    assert committed.status_code == 200 and committed.json()["status"] == "committed", committed.text
+    replay = await client.post(f"/intents/{iid}/commit", headers=agents.headers("committer", task, key="p"))
+    assert replay.content == committed.content and replay.headers["idempotent-replayed"] == "true"
+    assert effects.calls["email.notify"] == 1
+    assert await _events(client, agents, task, iid) == ["proposed", "verified", "commit_started", "committed"]
+    [row] = await _key_rows(app, "p")
+    assert row.state == "done" and row.response_body == committed.text
+
+
+async def test_a_reservation_that_cannot_finish_changes_nothing(gw: Any, effects: Any) -> None:
+    client, app, agents = gw
+    task = new_task()
+    proposal = {"task_id": task, "tool": "email.notify", "arguments": {"n": 2}}
+    proposed = await client.post("/intents", json=proposal, headers=agents.headers("planner", task))
+    iid = proposed.json()["intent_id"]
+    # Not verified yet: refused, and the key is not kept.
+    problem(
+        await client.post(f"/intents/{iid}/commit", headers=agents.headers("committer", task, key="early")),
+        409,
+        "intent-not-verified",
+    )
+    assert await _key_rows(app, "early") == []
+    verified = await client.post(
+        f"/intents/{iid}/verify",
+        json={"verdict": "accept", "reason": "ok"},
+        headers=agents.headers("verifier", task),
+    )
+    assert verified.status_code == 200
+    # The key is held (live) for another intent: 422, and the intent is left verified.
+    other = await propose_and_verify(client, agents, task, "email.notify", {"n": 3})
+    held = await client.post(
+        f"/intents/{other}/commit", headers=agents.headers("committer", task, key="held")
+    )
+    assert held.status_code == 200
+    problem(
+        await client.post(f"/intents/{iid}/commit", headers=agents.headers("committer", task, key="held")),
+        422,
+        "idempotency-key-reused",
+    )
+    assert await _events(client, agents, task, iid) == ["proposed", "verified"]
+    [row] = await _key_rows(app, "held")
+    assert row.intent_id == other
+    # The key refused earlier was never kept, so it works now.
+    committed = await client.post(
+        f"/intents/{iid}/commit", headers=agents.headers("committer", task, key="early")
+    )
+    assert committed.status_code == 200 and committed.json()["status"] == "committed", committed.text
+    assert effects.calls["email.notify"] == 2
+    assert await _events(client, agents, task, iid) == ["proposed", "verified", "commit_started", "committed"]
