@@ -194,6 +194,7 @@ class PolicySection(_Model):
     opa_url: str = "http://127.0.0.1:8181"
     reload: bool = True
     reload_interval: Annotated[float, Field(gt=0)] = 1.0
+    memo_size: Annotated[int, Field(ge=0)] = 4096  # embedded engine's decision memo; 0 turns it off
 
 
 class Issuer(_Model):

@@ -423,3 +423,17 @@ def test_evaluate_file(tmp_path: Path) -> None:
     path.write_text("{not json")
     with pytest.raises(ValueError):
         evaluate_file(SHIPPED, path)
+
+
+@pytest.mark.parametrize("amount", [2**64 + 5, 2**63, 10**30, -(2**63) - 1, 2**63 - 1])
+async def test_integers_wider_than_64_bits_reach_rego_exactly(engine: EmbeddedEngine, amount: int) -> None:
+    # regopy's Input wraps integers to 64 bits: 2**64 + 5 would arrive as 5 and skip approval.
+    expected = amount > 1000
+    for _ in range(2):  # evaluated, then possibly from the memo
+        decision = await engine.decide(
+            inp("commit", "committer", "email.send", envelope=ENV, arguments={"amount": amount})
+        )
+        assert decision.allow is True
+        assert decision.require_approval is expected, decision.reasons
+        if expected:
+            assert decision.reasons == [f"amount {amount} exceeds the approval limit of 1000"]

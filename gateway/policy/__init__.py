@@ -34,4 +34,5 @@ def build_engine(config: Config, decision_log: DecisionLog | None = None) -> Pol
         decision_log=decision_log,
         reload=config.policy.reload,
         reload_interval=config.policy.reload_interval,
+        memo_size=config.policy.memo_size,
     )

@@ -190,6 +190,10 @@ def evaluate(
     if interpreter is None:
         interpreter = _local.interpreter = runtime_interpreter()
     started = time.perf_counter_ns()
+    if not isinstance(input_value, str) and _holds_wide_integer(input_value):
+        # regopy's Input wraps integers to 64 bits (2**64 + 5 would reach Rego as 5);
+        # rego-cpp parses a JSON term's numbers exactly.
+        input_value = json.dumps(input_value)
     try:
         if isinstance(input_value, str):
             interpreter.set_input_term(input_value)
@@ -199,3 +203,20 @@ def evaluate(
         return {"error": f"input rejected: {error}"[:500]}, time.perf_counter_ns() - started
     raw = query(interpreter, policy, entrypoint)
     return raw, time.perf_counter_ns() - started
+
+
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+def _holds_wide_integer(value: Any) -> bool:
+    """Whether an integer outside the signed 64-bit range is anywhere in `value`."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+        elif isinstance(item, int) and not _INT64[0] <= item <= _INT64[1]:
+            return True
+    return False
