@@ -219,7 +219,7 @@ async def run_cell(
     concurrency: int,
     folder: Path,
     profile: Path | None = None,
-    db_pool: int = 10,
+    db_pool: int | None = None,
 ) -> dict[str, Any]:
     pg_name = None
     if db == "postgresql":
@@ -352,7 +352,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="300 intents per cell")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument(
-        "--db-pool", type=int, default=10, help="each gateway's db_pool_size and db_max_overflow"
+        "--db-pool", type=int, help="each gateway's db_pool_size and db_max_overflow (default: the gateway's)"
     )
     parser.add_argument(
         "--profile", type=Path, help="py-spy each gateway during the commit phase (pip install py-spy)"

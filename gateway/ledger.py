@@ -81,7 +81,31 @@ def digest(data: bytes | Any) -> str:
     return "sha256:" + hashlib.sha256(raw).hexdigest()
 
 
-def document(entry: LedgerEntry) -> dict[str, Any]:
+@dataclass
+class NewEntry:
+    """An entry before it is in the chain (seq and hashes come with the append)."""
+
+    at: datetime
+    event: str
+    actor_sub: str | None
+    actor_role: str | None
+    task_id: str | None
+    intent_id: str | None
+    decision_id: str | None
+    parent: str | None
+    request_digest: str | None
+    effect_digest: str | None
+    trace_id: str | None
+    data: dict[str, Any]
+    seq: int | None = None
+    prev_hash: str | None = None
+    hash: str | None = None
+
+    def row(self) -> LedgerEntry:
+        return LedgerEntry(**{name: getattr(self, name) for name in _ROW_FIELDS})
+
+
+def document(entry: LedgerEntry | NewEntry) -> dict[str, Any]:
     """What the hash covers: every column but the hashes themselves."""
     return {
         "seq": entry.seq,
@@ -99,7 +123,7 @@ def document(entry: LedgerEntry) -> dict[str, Any]:
     }
 
 
-def chain_hash(entry: LedgerEntry, prev_hash: str) -> str:
+def chain_hash(entry: LedgerEntry | NewEntry, prev_hash: str) -> str:
     return hashlib.sha256(canonical.dumps(document(entry)) + bytes.fromhex(prev_hash)).hexdigest()
 
 
@@ -162,7 +186,7 @@ _PG_APPEND = text(pg_append_sql("WITH")).bindparams(
 _SEQ_MARK = 7_390_518_246_183
 
 
-def _split_document(entry: LedgerEntry) -> tuple[bytes, bytes] | None:
+def _split_document(entry: NewEntry) -> tuple[bytes, bytes] | None:
     entry.seq = _SEQ_MARK
     text = canonical.dumps(document(entry))
     mark = b'"seq":%d' % _SEQ_MARK
@@ -184,12 +208,12 @@ def new_entry(
     effect_digest: str | None = None,
     trace_id: str | None = None,
     data: dict[str, Any] | None = None,
-) -> LedgerEntry:
+) -> NewEntry:
     """An entry not yet in the chain (no seq or hashes)."""
     if event not in EVENTS:
         raise LedgerError(f"unknown ledger event {event!r}")
     sub, role = _actor(actor)
-    return LedgerEntry(
+    return NewEntry(
         at=datetime.now(UTC),
         event=event,
         actor_sub=sub,
@@ -205,7 +229,7 @@ def new_entry(
     )
 
 
-def pg_params(entry: LedgerEntry) -> dict[str, Any] | None:
+def pg_params(entry: NewEntry) -> dict[str, Any] | None:
     """The parameters of `PG_HEAD` + `PG_INSERT` for this entry (None: append another way)."""
     split = _split_document(entry)
     if split is None:
@@ -215,7 +239,7 @@ def pg_params(entry: LedgerEntry) -> dict[str, Any] | None:
     return {**values, "prefix": split[0], "suffix": split[1]}
 
 
-def pg_appended(entry: LedgerEntry, params: dict[str, Any], row: Any) -> LedgerEntry:
+def pg_appended(entry: NewEntry, params: dict[str, Any], row: Any) -> NewEntry:
     """Take the (seq, prev_hash, hash) the database chained the entry with, checking the hash.
 
     The canonical document with its seq is `prefix + seq + suffix` (an integer's canonical
@@ -240,7 +264,7 @@ async def append(session: AsyncSession, **fields: Any) -> LedgerEntry:
         row = (await session.execute(_PG_APPEND, params)).one_or_none()
         if row is None:
             raise LedgerError("the ledger head row is missing; start the gateway once to create it")
-        return pg_appended(entry, params, row)
+        return pg_appended(entry, params, row).row()
     head = LedgerHead.__table__
     bumped = await session.execute(
         update(head).where(head.c.id == 1).values(seq=head.c.seq + 1).returning(head.c.seq, head.c.hash)
@@ -250,13 +274,20 @@ async def append(session: AsyncSession, **fields: Any) -> LedgerEntry:
         raise LedgerError("the ledger head row is missing; start the gateway once to create it")
     entry.seq, entry.prev_hash = int(row[0]), str(row[1])
     entry.hash = chain_hash(entry, entry.prev_hash)
-    session.add(entry)
+    stored = entry.row()
+    session.add(stored)
     await session.execute(
         update(head).where(head.c.id == 1).values(hash=entry.hash, prev_hash=entry.prev_hash)
     )
-    return entry
+    return stored
 
 
+_ROW_FIELDS = (
+    "seq",
+    "prev_hash",
+    "hash",
+    *(name for name in NewEntry.__dataclass_fields__ if name not in ("seq", "prev_hash", "hash")),
+)
 _COLUMNS = (
     "at",
     "event",

@@ -26,7 +26,7 @@ def write_config(
     keys_dir: Path,
     read_timeout: float = 10.0,
     decision_log: bool = False,
-    db_pool: int = 10,
+    db_pool: int | None = None,
 ) -> Path:
     """A gateway.toml with the schemaless demo tools on `upstream_url`."""
     log = f'"{path.parent / "decisions.jsonl"}"' if decision_log else '""'  # "" turns the log off
@@ -36,8 +36,8 @@ def write_config(
     )
     path.write_text(
         f'[gateway]\ndatabase = "{database_url}"\nkeys_dir = "{keys_dir}"\ndecision_log = {log}\n'
-        f"db_pool_size = {db_pool}\ndb_max_overflow = {db_pool}\n"
-        f"[gateway.timeouts]\nconnect = 2.0\nread = {read_timeout}\n"
+        + (f"db_pool_size = {db_pool}\ndb_max_overflow = {db_pool}\n" if db_pool else "")
+        + f"[gateway.timeouts]\nconnect = 2.0\nread = {read_timeout}\n"
         f'[policy]\ndir = "{REPO / "policies"}"\nreload = false\n{tools}',
         encoding="utf-8",
     )

@@ -33,7 +33,7 @@ from gateway.idempotency import DONE, PENDING, KeyRef, StoredResponse
 from gateway.memory.names import GOALS
 from gateway.storage import Database
 from gateway.storage.db import PgStatement
-from gateway.storage.models import IdempotencyRecord, Intent, LedgerEntry, MemoryRevision
+from gateway.storage.models import IdempotencyRecord, Intent, MemoryRevision
 
 _RESERVE = PgStatement(
     ledger.pg_append_sql(
@@ -98,8 +98,8 @@ async def reserve(
     executor: str,
     ttl: int,
     committer: dict[str, Any],
-    started: LedgerEntry,
-) -> LedgerEntry | None:
+    started: ledger.NewEntry,
+) -> ledger.NewEntry | None:
     """Claim the key, start the intent and ledger `started`; None when nothing was changed."""
     params = ledger.pg_params(started)
     if params is None:
@@ -130,8 +130,8 @@ async def record(
     *,
     status: str,
     executor: str,
-    outcome: LedgerEntry,
-) -> LedgerEntry | None | bool:
+    outcome: ledger.NewEntry,
+) -> ledger.NewEntry | None | bool:
     """Store the outcome on the intent and the key, ledger `outcome`.
 
     The ledger entry when it was appended; None when the intent was no longer this

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import os
 import re
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -164,9 +166,29 @@ def _upgrade(connection: Connection) -> None:
 
 
 async def upgrade_database(url: str) -> None:
-    engine = create_engine(url)
+    async with _sqlite_migration_lock(url):
+        engine = create_engine(url)
+        try:
+            async with engine.begin() as connection:
+                await connection.run_sync(_upgrade)
+        finally:
+            await engine.dispose()
+
+
+@asynccontextmanager
+async def _sqlite_migration_lock(url: str) -> AsyncIterator[None]:
+    """Processes starting at once on one SQLite file migrate in turn (PostgreSQL: an advisory lock).
+
+    Without it, two of them could both see an empty file and both create the tables."""
+    path = url.split("///", 1)[-1] if url.startswith("sqlite") else ""
+    if not path or ":memory:" in path:
+        yield
+        return
+    lock_path = Path(path + ".migrate-lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = await asyncio.to_thread(os.open, lock_path, os.O_CREAT | os.O_RDWR, 0o600)
     try:
-        async with engine.begin() as connection:
-            await connection.run_sync(_upgrade)
+        await asyncio.to_thread(fcntl.flock, descriptor, fcntl.LOCK_EX)
+        yield
     finally:
-        await engine.dispose()
+        os.close(descriptor)  # releases the lock
