@@ -45,6 +45,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gateway.commits")
 
+# States a commit may reserve from (the one-statement reservation has them written in).
+RESERVABLE = ("verified", "approved")
 # States whose stored result is final: every later commit replays it.
 SETTLED = frozenset({"committed", "failed", "unknown", "compensating", "compensated"})
 
@@ -331,10 +333,10 @@ async def reserve(
     actor: dict[str, Any],
     trace: TraceContext,
     decision: Decision | None,
-    allowed: tuple[str, ...] = ("verified", "approved"),
+    allowed: tuple[str, ...] = RESERVABLE,
     request_digest: str | None = None,
 ) -> Ticket:
-    if ref is not None and decision is not None and not decision.require_approval:
+    if ref is not None and decision is not None and not decision.require_approval and allowed == RESERVABLE:
         if await _reserve_in_one_statement(gateway, intent, ref, actor, trace, decision, request_digest):
             return Ticket()
     deadline = time.monotonic() + gateway.commit_wait
