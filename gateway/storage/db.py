@@ -90,7 +90,14 @@ class Database:
         self.engine = create_engine(url, pool_size=pool_size, max_overflow=max_overflow)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
         # Reads outside a transaction: no BEGIN / ROLLBACK round trips around one SELECT.
-        self._autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
+        # SQLite's driver begins one only before a write, so
+        # there the plain engine already does it, and switching the isolation level costs
+        # three more hops to aiosqlite's thread (about 1 ms of CPU per read here).
+        self._autocommit = (
+            self.engine
+            if self.dialect == "sqlite"
+            else self.engine.execution_options(isolation_level="AUTOCOMMIT")
+        )
         self._readers = async_sessionmaker(self._autocommit, expire_on_commit=False)
         self._sqlite_writer = asyncio.Lock()
         self._compiled: dict[Select[Any], PgStatement] = {}
