@@ -126,6 +126,15 @@ def effects(upstream: tuple[str, Any]) -> Any:
 
 
 REPO = Path(__file__).resolve().parent.parent
+SHIPPED = REPO / "policies"
+
+
+@pytest.fixture
+def shipped_copy(tmp_path: Path) -> Path:
+    """A copy of the repository's policies/, free to edit."""
+    folder = tmp_path / "policies"
+    shutil.copytree(SHIPPED, folder)
+    return folder
 
 
 def gateway_config(

@@ -22,8 +22,8 @@ from gateway.policy.opa import OpaEngine
 from gateway.policy.rego import check_in_subprocess, read_sources
 from gateway.policy.testing import evaluate_file, run_policy_tests
 from gateway.problems import PolicyUnavailable
+from tests.conftest import SHIPPED
 
-SHIPPED = Path(__file__).resolve().parent.parent / "policies"
 ENV = {"iss": "planner-1", "sub": "agent-1", "task_id": "t-1", "schema_version": "1"}
 TOOLS = {
     "docs.search": {"name": "docs.search", "effect": "read", "risk": "low"},
@@ -73,13 +73,6 @@ import rego.v1
 decision := {"allow": false, "reasons": []}
 probe if { decision.allow with input as {"action": "call"} }
 """
-
-
-@pytest.fixture
-def shipped_copy(tmp_path: Path) -> Path:
-    folder = tmp_path / "policies"
-    shutil.copytree(SHIPPED, folder)
-    return folder
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -15,8 +14,8 @@ from gateway.policy import DecisionLog
 from gateway.policy.embedded import EmbeddedEngine
 from gateway.policy.memo import DecisionMemo, Scan, blank_comments_and_strings, scan_module, scan_modules
 from gateway.policy.rego import read_sources
+from tests.conftest import SHIPPED
 
-SHIPPED = Path(__file__).resolve().parent.parent / "policies"
 ENVELOPE = {"iss": "planner-1", "sub": "agent-1", "task_id": "t-1", "goal_revision": 1, "schema_version": "1"}
 
 
@@ -44,13 +43,6 @@ def write_policy(folder: Path, rego: str, data: dict[str, Any] | None = None) ->
     (folder / "gateway.rego").write_text(rego, encoding="utf-8")
     if data is not None:
         (folder / "data.json").write_text(json.dumps(data), encoding="utf-8")
-    return folder
-
-
-@pytest.fixture
-def shipped_copy(tmp_path: Path) -> Path:
-    folder = tmp_path / "policies"
-    shutil.copytree(SHIPPED, folder)
     return folder
 
 
