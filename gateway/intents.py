@@ -358,27 +358,33 @@ async def verify(gateway: Gateway, request: Request) -> Response:
     verdict, reason = payload.get("verdict"), payload.get("reason")
     if verdict not in ("accept", "reject") or not isinstance(reason, str):
         raise IntentInvalid('the body is {verdict: "accept"|"reject", reason: string, checks?}')
-    async with gateway.db.reading() as session:
-        intent = await load(session, request.path_params["intent_id"])
-    await check_envelope(gateway, step, intent.task_id)
+    from gateway.commits import onestatement  # the commits package builds on this module
+
+    intent_id = request.path_params["intent_id"]
+    snapshot = await onestatement.read(gateway.db, intent_id)
+    if snapshot is None:
+        raise NotFound(f"no intent {intent_id!r}", intent_id=intent_id)
+    intent = snapshot.intent
+    await check_envelope(gateway, step, intent.task_id, goal_revision=snapshot.goal_revision)
     if intent.proposer.get("sub") == step.principal.sub and intent.proposer.get("iss") == step.principal.iss:
         raise Forbidden("an agent cannot verify an intent it proposed", intent_id=intent.intent_id)
     tool = tool_of(gateway, intent.tool)
     decision = await decide(gateway, step, "verify", tool, intent)
     status = "verified" if verdict == "accept" else "rejected"
+    verdict_values = {
+        "status": status,
+        "verifier": step.actor,
+        "verdict_reason": reason,
+        "checks": payload.get("checks"),
+        "updated_at": now(),
+    }
     async with gateway.db.transaction() as session:
         if status == "verified":
             await require_fresh(session, intent)
         changed = await session.execute(
             update(Intent)
             .where(Intent.intent_id == intent.intent_id, Intent.status == "proposed")
-            .values(
-                status=status,
-                verifier=step.actor,
-                verdict_reason=reason,
-                checks=payload.get("checks"),
-                updated_at=now(),
-            )
+            .values(**verdict_values)
             .execution_options(synchronize_session=False)
         )
         if changed.rowcount != 1:
@@ -400,8 +406,8 @@ async def verify(gateway: Gateway, request: Request) -> Response:
             trace_id=step.trace.trace_id,
             data={"reason": reason},
         )
-    async with gateway.db.reading() as session:
-        intent = await load(session, intent.intent_id)
+    for name, value in verdict_values.items():  # what the UPDATE wrote: no second read
+        setattr(intent, name, value)
     return JSONResponse(view(intent))
 
 

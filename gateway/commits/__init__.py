@@ -3,6 +3,8 @@
 execute.py     POST /intents/{id}/commit: reserve exactly once, call, store, replay;
                `execute_commit` for the approvals module to run an approved intent
 compensate.py  POST /tasks/{task_id}/compensate: the saga's undo, in reverse order
+onestatement.py the commit's database steps as one statement each (a read; on PostgreSQL
+               the reservation and the record too), with execute.py's path as the fallback
 upstream.py    the tool call itself and what its answer means
 recovery.py    heartbeats; intents of a dead executor become `unknown`
 """

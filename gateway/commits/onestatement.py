@@ -191,9 +191,10 @@ _READ = (
 )
 
 
-async def read(db: Database, intent_id: str, ref: KeyRef) -> Snapshot | None:
-    """One read (any database); None when there is no such intent."""
-    values = await db.first(_READ, {"intent_id": intent_id, "scope": ref.scope, "key": ref.key})
+async def read(db: Database, intent_id: str, ref: KeyRef | None = None) -> Snapshot | None:
+    """One read (any database); None when there is no such intent. No `ref`: no key."""
+    scope, key = (ref.scope, ref.key) if ref is not None else ("", "")
+    values = await db.first(_READ, {"intent_id": intent_id, "scope": scope, "key": key})
     if values is None:
         return None
     intent = Intent(**{column.key: values["i_" + column.name] for column in _INTENTS.c})
