@@ -318,6 +318,22 @@ async def propose(gateway: Gateway, request: Request) -> Response:
         updated_at=at,
     )
     decision = await decide(gateway, step, "propose", tool, intent, arguments)
+    entry = {
+        "event": "proposed",
+        "actor": step.principal,
+        "task_id": intent.task_id,
+        "intent_id": intent.intent_id,
+        "decision_id": decision.decision_id,
+        "parent": intent.parent,
+        "request_digest": ledger.digest(step.body),
+        "trace_id": step.trace.trace_id,
+        "data": {"tool": tool.name, "arguments_digest": ledger.digest(arguments)},
+    }
+    if gateway.db.dialect == "postgresql":
+        from gateway.commits import onestatement  # the commits package builds on this module
+
+        if await onestatement.propose(gateway.db, intent, ledger.new_entry(**entry)) is not None:
+            return JSONResponse(view(intent), status_code=201, headers=_location(intent))
     table = Intent.__table__
     values = {column.name: getattr(intent, column.key) for column in table.columns}
     insert = pg_insert if gateway.db.dialect == "postgresql" else sqlite_insert
@@ -330,18 +346,7 @@ async def propose(gateway: Gateway, request: Request) -> Response:
         if created is None:
             existing = await load(session, intent.intent_id)
             return JSONResponse(view(existing), status_code=200, headers=_location(existing))
-        await ledger.append(
-            session,
-            event="proposed",
-            actor=step.principal,
-            task_id=intent.task_id,
-            intent_id=intent.intent_id,
-            decision_id=decision.decision_id,
-            parent=intent.parent,
-            request_digest=ledger.digest(step.body),
-            trace_id=step.trace.trace_id,
-            data={"tool": tool.name, "arguments_digest": ledger.digest(arguments)},
-        )
+        await ledger.append(session, **entry)
     return JSONResponse(view(intent), status_code=201, headers=_location(intent))
 
 

@@ -516,3 +516,23 @@ async def test_a_reservation_that_cannot_finish_changes_nothing(gw: Any, effects
     assert committed.status_code == 200 and committed.json()["status"] == "committed", committed.text
     assert effects.calls["email.notify"] == 2
     assert await _events(client, agents, task, iid) == ["proposed", "verified", "commit_started", "committed"]
+
+
+async def test_without_a_ledger_head_a_commit_changes_nothing(gw: Any, effects: Any) -> None:
+    from sqlalchemy import delete
+
+    from gateway.ledger import LedgerError
+    from gateway.storage.models import Intent, LedgerHead
+
+    client, app, agents = gw
+    task = new_task()
+    iid = await propose_and_verify(client, agents, task, "email.notify", {"n": 9})
+    async with app.state.gateway.db.transaction() as session:
+        await session.execute(delete(LedgerHead))
+    with pytest.raises(LedgerError):  # a 500 from a real server
+        await client.post(f"/intents/{iid}/commit", headers=agents.headers("committer", task, key="nohead"))
+    assert effects.calls["email.notify"] == 0
+    assert await _key_rows(app, "nohead") == []
+    async with app.state.gateway.db.reading() as session:
+        intent = await session.get(Intent, iid)
+    assert intent is not None and intent.status == "verified"

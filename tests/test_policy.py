@@ -430,3 +430,22 @@ async def test_integers_wider_than_64_bits_reach_rego_exactly(engine: EmbeddedEn
         assert decision.require_approval is expected, decision.reasons
         if expected:
             assert decision.reasons == [f"amount {amount} exceeds the approval limit of 1000"]
+
+
+async def test_a_wide_integer_does_not_change_how_text_compares(tmp_path: Path) -> None:
+    # Inputs with integers wider than 64 bits reach rego-cpp as JSON text: its non-ASCII
+    # strings must still be themselves there, not "\u00e9" escapes.
+    write_policy(
+        tmp_path / "p",
+        "package gateway\nimport rego.v1\ndefault allow := true\n"
+        'allow := false if input.to == "ceo@société.fr"\n'
+        'decision := {"allow": allow, "reasons": []}\n',
+    )
+    engine = EmbeddedEngine(tmp_path / "p", reload=False, memo_size=0)
+    await engine.start()
+    try:
+        assert (await engine.decide({"to": "ceo@société.fr"})).allow is False
+        assert (await engine.decide({"to": "ceo@société.fr", "pad": 2**64})).allow is False
+        assert (await engine.decide({"to": "cfo@société.fr", "pad": 2**64})).allow is True
+    finally:
+        await engine.stop()

@@ -210,6 +210,22 @@ async def test_inputs_that_are_not_plain_json_are_evaluated(tmp_path: Path) -> N
         await engine.stop()
 
 
+async def test_a_hit_never_hides_an_input_regopy_would_reject(tmp_path: Path) -> None:
+    engine = await started(write_policy(tmp_path, NULL_POLICY))
+    deep: Any = 1
+    for _ in range(200):
+        deep = [deep]
+    try:
+        assert (await engine.decide({"a": None})).allow is True  # kept in the memo
+        # Unread fields that regopy cannot convert: a lone surrogate, deep nesting.
+        rejected = await engine.decide({"a": None, "s": "\ud800"})
+        assert rejected.allow is False and "input rejected" in " ".join(rejected.reasons)
+        assert (await engine.decide({"a": None, "deep": deep})).allow is True
+        assert engine.memo.hits == 0 and engine.memo.bypassed == 2
+    finally:
+        await engine.stop()
+
+
 async def test_errors_are_never_memoized(tmp_path: Path) -> None:
     conflict = (
         'package gateway\nimport rego.v1\ndecision := {"allow": true}\ndecision := {"allow": false} if true\n'

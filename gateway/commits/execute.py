@@ -415,7 +415,7 @@ async def _finalize(
             executor=gateway.instance_id,
             outcome=ledger.new_entry(**fields),
         )
-        if recorded is not False:
+        if recorded is not None:
             return
     async with gateway.db.transaction() as session:
         changed = await session.execute(

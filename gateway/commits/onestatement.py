@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import and_, bindparam, func, select
+from sqlalchemy import JSON, Column, DateTime, Integer, and_, bindparam, func, select
 
 from gateway import ledger
 from gateway.idempotency import DONE, PENDING, KeyRef, StoredResponse
@@ -41,6 +41,7 @@ _RESERVE = PgStatement(
     WITH target AS (
         SELECT intent_id FROM intents
         WHERE intent_id = :intent_id AND status IN ('verified', 'approved')
+          AND EXISTS (SELECT 1 FROM ledger_head WHERE id = 1)
         FOR UPDATE
     ), claimed AS (
         INSERT INTO idempotency_keys AS k (scope, key, fingerprint, intent_id, state, owner,
@@ -73,15 +74,18 @@ _RECORD = PgStatement(
         SET status = :status, result_status = :result_status, result_body = :result_body,
             result_content_type = :result_content_type, updated_at = :at
         WHERE intent_id = :intent_id AND executor = :executor AND status IN ('executing', 'unknown')
+          AND EXISTS (SELECT 1 FROM ledger_head WHERE id = 1)
         RETURNING intent_id
     ), answered AS (
+        -- Referring to `recorded` runs it first: the intent's lock is taken before the key's.
         UPDATE idempotency_keys
         SET state = :done, response_status = :result_status, response_body = :result_body,
             response_headers = CAST(:response_headers AS json)
-        WHERE scope = :scope AND key = :key
+        WHERE scope = :scope AND key = :key AND (SELECT count(*) FROM recorded) >= 0
         RETURNING key
     ),""",
-        when="AND EXISTS (SELECT 1 FROM recorded)",
+        # And referring to `answered` takes the key's lock before the ledger head's.
+        when="AND EXISTS (SELECT 1 FROM recorded) AND (SELECT count(*) FROM answered) >= 0",
     )
 )
 
@@ -131,16 +135,16 @@ async def record(
     status: str,
     executor: str,
     outcome: ledger.NewEntry,
-) -> ledger.NewEntry | None | bool:
+) -> ledger.NewEntry | None:
     """Store the outcome on the intent and the key, ledger `outcome`.
 
-    The ledger entry when it was appended; None when the intent was no longer this
-    executor's (nothing but the key changed, as in the general path); False when this
-    entry cannot be appended in one statement (nothing changed: use the general path).
+    The ledger entry when it was appended; None when the intent was not changed (it is
+    no longer this executor's, or the ledger head is missing): then the general path
+    decides, as when the entry cannot be appended in one statement.
     """
     params = ledger.pg_params(outcome)
     if params is None:
-        return False
+        return None
     at = outcome.at
     row = await db.pg_one(
         _RECORD,
@@ -203,3 +207,44 @@ async def read(db: Database, intent_id: str, ref: KeyRef | None = None) -> Snaps
         record = IdempotencyRecord(**{column.key: values["k_" + column.name] for column in _KEYS.c})
     goal = values["goal_revision"]
     return Snapshot(intent, record, int(goal) if goal else None)
+
+
+def _intent_value(column: Column[Any]) -> str:
+    """The SQL for one intent column's parameter, typed for asyncpg."""
+    name = ":i_" + column.name
+    if isinstance(column.type, JSON):
+        return f"CAST({name} AS json)"
+    if isinstance(column.type, DateTime):
+        return f"CAST({name} AS timestamptz)"
+    if isinstance(column.type, Integer):
+        return f"CAST({name} AS integer)"
+    return name
+
+
+_PROPOSE = PgStatement(
+    ledger.pg_append_sql(
+        "WITH created AS ("  # noqa: S608 - the names are our own table's columns; values are bound
+        f" INSERT INTO intents ({', '.join(column.name for column in _INTENTS.c)})"
+        f" SELECT {', '.join(_intent_value(column) for column in _INTENTS.c)}"
+        " WHERE EXISTS (SELECT 1 FROM ledger_head WHERE id = 1)"
+        " ON CONFLICT (intent_id) DO NOTHING RETURNING intent_id),",
+        when="AND EXISTS (SELECT 1 FROM created)",
+    )
+)
+
+
+async def propose(db: Database, intent: Intent, proposed: ledger.NewEntry) -> ledger.NewEntry | None:
+    """Insert a new intent and ledger `proposed`, on PostgreSQL.
+
+    The entry when the intent is new; None when nothing changed (it existed already, or
+    the ledger head is missing): then the general path decides.
+    """
+    params = ledger.pg_params(proposed)
+    if params is None:
+        return None
+    for column in _INTENTS.c:
+        value = getattr(intent, column.key)
+        # SQLAlchemy's JSON type stores None as JSON null: the same here.
+        params["i_" + column.name] = json.dumps(value) if isinstance(column.type, JSON) else value
+    row = await db.pg_one(_PROPOSE, params)
+    return None if row is None else ledger.pg_appended(proposed, params, row)

@@ -13,8 +13,9 @@ does not know to be pure. Data (`data.json`) is part of the policy version.
 
 The key is (policy version, canonical JSON of the value at each read path, with
 an absent path distinct from `null`). Only evaluated results are kept (never an
-evaluation error), and only inputs made of plain JSON types are memoized: those
-convert to a Rego input without fail, so a hit can never hide an "input rejected".
+evaluation error), and only inputs made of plain JSON types (UTF-8 strings, bounded
+depth) are memoized: those convert to a Rego input without fail, so a hit can never
+hide an "input rejected".
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ InputPath = tuple[str, ...]
 MemoKey = tuple[str, str]
 
 DEFAULT_SIZE = 4096
+# Deeper inputs are evaluated every time (regopy's conversion recurses).
+MAX_DEPTH = 64
 
 _IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
 _INPUT = re.compile(r"(?<![\w.])input(?!\w)")
@@ -155,24 +158,41 @@ _ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=
 
 def is_plain_json(value: Any) -> bool:
     """True when `value` holds only dict (str keys), list, str, int, finite float, bool, None:
-    exact types, so nothing converts to Rego otherwise than its JSON text says."""
-    stack = [[value]]
+    exact types, so nothing converts to Rego otherwise than its JSON text says; strings
+    that are UTF-8 (no lone surrogate) and at most MAX_DEPTH levels, which regopy takes.
+    Anything else is evaluated every time: a memo hit must never hide an "input rejected"."""
+    stack: list[tuple[Any, int]] = [([value], 0)]
     while stack:
-        container = stack.pop()
+        container, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return False
         if type(container) is dict:
-            if not all(type(key) is str for key in container):
+            if not all(type(key) is str and _utf8(key) for key in container):
                 return False
             items: Iterable[Any] = container.values()
         else:
             items = container
         for item in items:
             kind = type(item)
-            if kind in _SCALARS:
+            if kind is str:
+                if not _utf8(item):
+                    return False
+            elif kind in _SCALARS:
                 continue
-            if kind is dict or kind is list:
-                stack.append(item)
+            elif kind is dict or kind is list:
+                stack.append((item, depth + 1))
             elif kind is not float or not math.isfinite(item):
                 return False
+    return True
+
+
+def _utf8(text: str) -> bool:
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
     return True
 
 

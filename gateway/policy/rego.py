@@ -190,11 +190,12 @@ def evaluate(
     if interpreter is None:
         interpreter = _local.interpreter = runtime_interpreter()
     started = time.perf_counter_ns()
-    if not isinstance(input_value, str) and _holds_wide_integer(input_value):
-        # regopy's Input wraps integers to 64 bits (2**64 + 5 would reach Rego as 5);
-        # rego-cpp parses a JSON term's numbers exactly.
-        input_value = json.dumps(input_value)
     try:
+        if not isinstance(input_value, str) and _holds_wide_integer(input_value):
+            # regopy's Input wraps integers to 64 bits (2**64 + 5 would reach Rego as 5);
+            # rego-cpp parses a JSON term's numbers exactly. Not ASCII-escaped: rego-cpp
+            # keeps `\u00e9` as those six characters, not as "é".
+            input_value = json.dumps(input_value, ensure_ascii=False)
         if isinstance(input_value, str):
             interpreter.set_input_term(input_value)
         else:
