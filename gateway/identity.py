@@ -26,6 +26,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from gateway import problems
+from gateway.background import Pauses
 from gateway.config import ConfigError, Issuer
 from gateway.keys import (
     KeyLoadError,
@@ -262,6 +263,7 @@ class Revocations:
         self._local: dict[tuple[str, str], tuple[datetime | None, int]] = {}
         self._seq = 0
         self._loaded_at: float | None = None
+        self.pauses = Pauses()  # `run` ends at its next pause once these are stopped
 
     async def revoke(
         self, kind: Literal["jti", "sub"], value: str, reason: str = "", expires_at: datetime | None = None
@@ -315,7 +317,8 @@ class Revocations:
                 await self.refresh()
             except Exception as error:  # keep polling; is_revoked fails closed once stale
                 log.warning("revocation refresh failed: %s", type(error).__name__)
-            await asyncio.sleep(interval)
+            if not await self.pauses.pause(interval):
+                return
 
 
 def _rejected(detail: str) -> problems.TokenInvalid:

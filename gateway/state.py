@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
@@ -81,7 +80,7 @@ class Gateway:
         self.recovery = Recovery(self)
         memory.install(self)  # reserve/commit hooks, and the goals behind `goal_revision`
         self.approvals = ApprovalSweeper(self)  # expiry, webhooks (ConfigError if its secret is unset)
-        self._tasks: list[asyncio.Task[None]] = []
+        self._revocation_refresh: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         if not self.config.issuers:
@@ -100,7 +99,7 @@ class Gateway:
         await ensure_head(self.db)
         await self.recovery.start()
         await self.approvals.start()
-        self._tasks.append(asyncio.create_task(self.revocations.run()))
+        self._revocation_refresh = asyncio.create_task(self.revocations.run())
 
     def run_to_completion(self, work: Coroutine[Any, Any, T]) -> asyncio.Future[T]:
         """Run `work` (a commit's tool call and its record) so that a clean stop waits for it.
@@ -119,11 +118,8 @@ class Gateway:
             timeouts = self.config.gateway.timeouts
             log.info("waiting for %d commit(s) in flight", len(self.executions))
             await asyncio.wait(set(self.executions), timeout=timeouts.connect + timeouts.read + 15)
-        for task in self._tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks.clear()
+        await self.revocations.pauses.stop(self._revocation_refresh)
+        self._revocation_refresh = None
         await self.approvals.stop()
         await self.recovery.stop()
         await self.forwarder.stop()

@@ -9,12 +9,12 @@ sweeping the same database never do the same work twice.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from typing import TYPE_CHECKING
 
 from gateway.approvals import store
 from gateway.approvals.webhook import Webhook
+from gateway.background import Pauses
 
 if TYPE_CHECKING:
     from gateway.state import Gateway
@@ -28,16 +28,14 @@ class ApprovalSweeper:
         self.interval = gateway.config.approvals.sweep_interval
         self.webhook = Webhook.from_config(gateway.config.approvals)  # ConfigError now if the secret is unset
         self._task: asyncio.Task[None] | None = None
+        self._pauses = Pauses()
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="approvals-sweep")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._pauses.stop(self._task)
+        self._task = None
         if self.webhook is not None:
             await self.webhook.close()
 
@@ -55,4 +53,5 @@ class ApprovalSweeper:
                 raise
             except Exception:  # noqa: BLE001 - a failed sweep is retried at the next tick
                 log.exception("approvals sweep failed")
-            await asyncio.sleep(self.interval)
+            if not await self._pauses.pause(self.interval):
+                return

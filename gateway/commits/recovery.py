@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy import delete, select, update
 
 from gateway import idempotency, ledger
+from gateway.background import Pauses
 from gateway.commits.execute import unknown_after_crash
 from gateway.storage.models import GatewayInstance, IdempotencyRecord, Intent
 
@@ -62,6 +63,7 @@ class Recovery:
         self.ttl, self.heartbeat, self.sweep_every = ttl, heartbeat, sweep_every
         self.node = node_id()
         self._task: asyncio.Task[None] | None = None
+        self._pauses = Pauses()
 
     @property
     def actor(self) -> dict[str, str]:
@@ -83,11 +85,8 @@ class Recovery:
         self._task = asyncio.create_task(self._run())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._pauses.stop(self._task)
+        self._task = None
         with contextlib.suppress(Exception):
             async with self.gateway.db.transaction() as session:
                 await session.execute(
@@ -96,8 +95,7 @@ class Recovery:
 
     async def _run(self) -> None:
         beats = 0
-        while True:
-            await asyncio.sleep(self.heartbeat)
+        while await self._pauses.pause(self.heartbeat):
             beats += 1
             try:
                 await self.beat()
