@@ -1,4 +1,5 @@
-"""The commit's database steps as one statement each: a read, and two writes on PostgreSQL.
+"""The protocol's database steps as one statement each: a commit's read, and on
+PostgreSQL a commit's two writes and a proposal's insert.
 
 A commit writes twice: the reservation (claim the key, `verified → executing`, ledger
 `commit_started`) and the record (the outcome, the key's stored answer, ledger
@@ -16,7 +17,9 @@ Only for intents without memory (`depends_on`, `memory_writes`): memory's hooks 
 the general path's transaction.
 
 Before either write, `read` fetches the intent, the caller's key and the task goal's
-revision (for the envelope's `goal_revision` check) in one SELECT, on any database.
+revision (for the envelope's `goal_revision` check) in one SELECT, on any database
+(verification uses it too). `propose` inserts an intent and ledgers `proposed` at once.
+SQL here must not put a quote inside a comment: `PgStatement` skips quoted literals.
 """
 
 from __future__ import annotations
@@ -77,7 +80,7 @@ _RECORD = PgStatement(
           AND EXISTS (SELECT 1 FROM ledger_head WHERE id = 1)
         RETURNING intent_id
     ), answered AS (
-        -- Referring to `recorded` runs it first: the intent's lock is taken before the key's.
+        -- Referring to `recorded` runs it first: the intent row is locked before the key row.
         UPDATE idempotency_keys
         SET state = :done, response_status = :result_status, response_body = :result_body,
             response_headers = CAST(:response_headers AS json)
