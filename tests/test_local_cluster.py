@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import json
 import os
-import random
 import re
 import signal
 import socket
@@ -36,7 +35,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from tests.conftest import REPO, drop_pg_database, role_token
-from tests.servers import free_port
+from tests.servers import free_port, free_port_block
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
@@ -127,30 +126,12 @@ def run_cluster(*args: str, state_dir: Path, timeout: float = 120) -> subprocess
     )
 
 
-def port_free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 def nothing_listens(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=1.0):
             return False
     except ConnectionRefusedError:
         return True
-
-
-def free_port_block(count: int) -> int:
-    """The first of `count` consecutive free loopback ports (the script numbers replicas after nginx)."""
-    for _ in range(100):
-        base = random.randint(20_000, 40_000)
-        if all(port_free(base + offset) for offset in range(count)):
-            return base
-    raise RuntimeError("no block of free ports")
 
 
 def process_alive(pid: int) -> bool:

@@ -11,9 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -36,6 +34,7 @@ from gateway.credentials import arguments_digest
 from gateway.keys import key_from_jwk
 from tests.conftest import REPO, drop_pg_database, role_token
 from tests.protocol import Agents, new_task
+from tests.servers import free_port_block
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
@@ -80,22 +79,6 @@ def run_cluster(*args: str, state_dir: Path) -> subprocess.CompletedProcess[str]
         timeout=180,
         check=False,
     )
-
-
-def free_port_block(count: int) -> int:
-    def free(port: int) -> bool:
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                return False
-        return True
-
-    for _ in range(100):
-        base = random.randint(20_000, 40_000)
-        if all(free(base + offset) for offset in range(count)):
-            return base
-    raise RuntimeError("no block of free ports")
 
 
 def write_config(tmp: Path, *, database: str, demo_url: str) -> Path:
