@@ -133,7 +133,11 @@ def expired(record: IdempotencyRecord, now: datetime | None = None) -> bool:
 
 async def lookup(session: AsyncSession, ref: KeyRef) -> IdempotencyRecord | None:
     """The live record for the key, checked against the fingerprint (read-only fast path)."""
-    record = await session.get(IdempotencyRecord, (ref.scope, ref.key))
+    return live(await session.get(IdempotencyRecord, (ref.scope, ref.key)), ref)
+
+
+def live(record: IdempotencyRecord | None, ref: KeyRef) -> IdempotencyRecord | None:
+    """The record unless it expired, checked against the fingerprint (422 if it differs)."""
     if record is None or expired(record):
         return None
     check_fingerprint(record, ref)

@@ -33,9 +33,9 @@ from gateway.commits import onestatement
 from gateway.commits.upstream import DONE, UNKNOWN, Outcome, call_tool
 from gateway.config import Tool
 from gateway.idempotency import AWAITING_APPROVAL, KeyRef, StoredResponse
-from gateway.intents import UNREAD, Unread, begin, check_envelope, decide, load, now, require_fresh, tool_of
+from gateway.intents import begin, check_envelope, decide, load, now, require_fresh, tool_of
 from gateway.memory.commits import MEMORY_TOOL, MemoryBusy, builtin_result
-from gateway.problems import PROBLEM_BASE, Conflict, Forbidden, GatewayError
+from gateway.problems import PROBLEM_BASE, Conflict, Forbidden, GatewayError, NotFound
 from gateway.storage.models import Approval, IdempotencyRecord, Intent
 from gateway.tracing import TraceContext
 
@@ -547,17 +547,15 @@ async def commit(gateway: Gateway, request: Request) -> Response:
     if snapshot is None:  # no such intent: a 404, unless the key already has its answer
         async with gateway.db.reading() as session:
             record = await idempotency.lookup(session, ref)
-            if record is not None and record.state == idempotency.DONE and idempotency.stored(record):
-                return _replay(record)
-            intent = await load(session, intent_id)
-        goal_revision: int | None | Unread = UNREAD
     else:
-        record, intent, goal_revision = snapshot.record, snapshot.intent, snapshot.goal_revision
-        if record is not None and not idempotency.expired(record):
-            idempotency.check_fingerprint(record, ref)
-            if record.state == idempotency.DONE and idempotency.stored(record):
-                return _replay(record)
-    await check_envelope(gateway, step, intent.task_id, goal_revision=goal_revision)
+        record = idempotency.live(snapshot.record, ref)
+    replay = idempotency.stored(record) if record is not None and record.state == idempotency.DONE else None
+    if replay is not None:
+        return replay.to_response(replayed=True)
+    if snapshot is None:
+        raise NotFound(f"no intent {intent_id!r}", intent_id=intent_id)
+    intent = snapshot.intent
+    await check_envelope(gateway, step, intent.task_id, goal_revision=snapshot.goal_revision)
     tool = tool_of(gateway, intent.tool)
     decision = await decide(gateway, step, "commit", tool, intent)
     ticket = await reserve(
@@ -576,12 +574,6 @@ async def commit(gateway: Gateway, request: Request) -> Response:
         gateway, intent, tool, ref=ref, actor=step.actor, trace=step.trace, decision_id=decision.decision_id
     )
     return response.to_response(extra=extra)
-
-
-def _replay(record: IdempotencyRecord) -> Response:
-    replay = idempotency.stored(record)
-    assert replay is not None
-    return replay.to_response(replayed=True)
 
 
 def unknown_after_crash(intent_id: str) -> StoredResponse:
