@@ -34,13 +34,14 @@ class Timeouts(_Model):
 class GatewaySection(_Model):
     audience: str = "agent-gateway"
     database: str = "sqlite+aiosqlite:///var/gateway.db"
-    # Per replica; keep replicas x (pool + overflow) under PostgreSQL's max_connections
-    # (100 by default), or put PgBouncer in front.
-    # Connections kept open per process: above the usual number of requests in flight, since a
-    # connection opened beyond the pool (overflow) is closed again on return, and reconnecting
-    # cost about 6 % of a commit's CPU under load when the pool was 10.
-    db_pool_size: Annotated[int, Field(ge=1, le=200)] = 20
+    # Per replica; keep replicas x (pool + overflow + statement pool) under PostgreSQL's
+    # max_connections (100 by default), or put PgBouncer in front.
+    # SQLAlchemy's pool: transactions of several statements, background work.
+    db_pool_size: Annotated[int, Field(ge=1, le=200)] = 10
     db_max_overflow: Annotated[int, Field(ge=0, le=200)] = 10
+    # PostgreSQL only, asyncpg's own pool: the commit protocol's one-statement steps (the hot
+    # path), opened on first use and closed again after 5 idle minutes.
+    db_statement_pool_size: Annotated[int, Field(ge=1, le=200)] = 10
     keys_dir: str = "keys"
     var_dir: str = "var"
     decision_log: str | None = "var/decisions.jsonl"

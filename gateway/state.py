@@ -47,6 +47,7 @@ class Gateway:
             config.database_url,
             pool_size=config.gateway.db_pool_size,
             max_overflow=config.gateway.db_max_overflow,
+            statement_pool_size=config.gateway.db_statement_pool_size,
         )
         self.revocations = Revocations(self.db)
         self.tokens = TokenVerifier(
