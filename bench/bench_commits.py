@@ -234,6 +234,7 @@ async def run_cell(
     folder: Path,
     profile: Path | None = None,
     db_pool: int | None = None,
+    statement_pool: int | None = None,
 ) -> dict[str, Any]:
     pg_name = None
     if db == "postgresql":
@@ -254,6 +255,7 @@ async def run_cell(
                 keys_dir=keys,
                 decision_log=True,
                 db_pool=db_pool,
+                statement_pool=statement_pool,
             )
             gateways = [GatewayProcess(config).start() for _ in range(processes)]
             try:
@@ -371,6 +373,11 @@ def main() -> None:
         "--db-pool", type=int, help="each gateway's db_pool_size and db_max_overflow (default: the gateway's)"
     )
     parser.add_argument(
+        "--statement-pool",
+        type=int,
+        help="each gateway's db_statement_pool_size (PostgreSQL; default: the gateway's)",
+    )
+    parser.add_argument(
         "--profile", type=Path, help="py-spy each gateway during the commit phase (pip install py-spy)"
     )
     args = parser.parse_args()
@@ -382,7 +389,14 @@ def main() -> None:
                 with asyncio.Runner(loop_factory=loop_factory) as runner:
                     result = runner.run(
                         run_cell(
-                            db, processes, intents, args.concurrency, Path(folder), args.profile, args.db_pool
+                            db,
+                            processes,
+                            intents,
+                            args.concurrency,
+                            Path(folder),
+                            args.profile,
+                            args.db_pool,
+                            args.statement_pool,
                         )
                     )
             results.append(result)

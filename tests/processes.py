@@ -27,6 +27,7 @@ def write_config(
     read_timeout: float = 10.0,
     decision_log: bool = False,
     db_pool: int | None = None,
+    statement_pool: int | None = None,
 ) -> Path:
     """A gateway.toml with the schemaless demo tools on `upstream_url`."""
     log = f'"{path.parent / "decisions.jsonl"}"' if decision_log else '""'  # "" turns the log off
@@ -37,6 +38,7 @@ def write_config(
     path.write_text(
         f'[gateway]\ndatabase = "{database_url}"\nkeys_dir = "{keys_dir}"\ndecision_log = {log}\n'
         + (f"db_pool_size = {db_pool}\ndb_max_overflow = {db_pool}\n" if db_pool else "")
+        + (f"db_statement_pool_size = {statement_pool}\n" if statement_pool else "")
         + f"[gateway.timeouts]\nconnect = 2.0\nread = {read_timeout}\n"
         f'[policy]\ndir = "{REPO / "policies"}"\nreload = false\n{tools}',
         encoding="utf-8",
