@@ -23,12 +23,18 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import Delete, delete, select, text, update
 
 from gateway import idempotency, ledger
 from gateway.background import Pauses
 from gateway.commits.execute import unknown_after_crash
-from gateway.storage.models import GatewayInstance, IdempotencyRecord, Intent
+from gateway.storage.models import (
+    INTENTS_IN_FLIGHT,
+    TASK_KEYS_PENDING,
+    GatewayInstance,
+    IdempotencyRecord,
+    Intent,
+)
 
 if TYPE_CHECKING:
     from gateway.state import Gateway
@@ -53,6 +59,16 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+# Both read through a partial index of the same condition (gateway.storage.models).
+IN_FLIGHT = select(
+    Intent.intent_id, Intent.task_id, Intent.executor, Intent.status, Intent.compensation_executor
+).where(text(INTENTS_IN_FLIGHT))
+
+
+def dead_task_keys(alive: set[str]) -> Delete:
+    return delete(IdempotencyRecord).where(text(TASK_KEYS_PENDING), IdempotencyRecord.owner.not_in(alive))
 
 
 class Recovery:
@@ -135,17 +151,7 @@ class Recovery:
         """Mark the work of dead executors unknown; returns how many intents changed."""
         alive = await self.alive()
         async with self.gateway.db.reading() as session:
-            orphans = (
-                await session.execute(
-                    select(
-                        Intent.intent_id,
-                        Intent.task_id,
-                        Intent.executor,
-                        Intent.status,
-                        Intent.compensation_executor,
-                    ).where((Intent.status == "executing") | (Intent.compensation_status == "running"))
-                )
-            ).all()
+            orphans = (await session.execute(IN_FLIGHT)).all()
         changed = 0
         for intent_id, task_id, executor, status, compensator in orphans:
             if status == "executing" and executor not in alive:
@@ -213,10 +219,4 @@ class Recovery:
         # Commit keys resolve from their intent's state; task-level keys (compensate) have no
         # intent, so a pending one whose owner died would block its caller: drop it.
         async with self.gateway.db.transaction() as session:
-            await session.execute(
-                delete(IdempotencyRecord).where(
-                    IdempotencyRecord.state == idempotency.PENDING,
-                    IdempotencyRecord.intent_id.is_(None),
-                    IdempotencyRecord.owner.not_in(alive),
-                )
-            )
+            await session.execute(dead_task_keys(alive))

@@ -9,12 +9,24 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     DateTime,
+    Index,
     Integer,
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# The recovery sweep's conditions, written once for its queries and for the partial indexes
+# that serve them: a sweep every few seconds must not scan tables that only ever grow.
+# SQL literals, not bound parameters, so every plan (generic ones too) can use the index.
+INTENTS_IN_FLIGHT = "status = 'executing' OR compensation_status = 'running'"
+TASK_KEYS_PENDING = "state = 'pending' AND intent_id IS NULL"
+
+
+def _partial_index(name: str, column: str, where: str) -> Index:
+    return Index(name, column, postgresql_where=text(where), sqlite_where=text(where))
 
 
 class Base(DeclarativeBase):
@@ -40,6 +52,7 @@ class Intent(Base):
     """
 
     __tablename__ = "intents"
+    __table_args__ = (_partial_index("ix_intents_in_flight", "intent_id", INTENTS_IN_FLIGHT),)
     intent_id: Mapped[str] = mapped_column(String(80), primary_key=True)
     task_id: Mapped[str] = mapped_column(String(255), index=True)
     tool: Mapped[str] = mapped_column(String(255))
@@ -48,7 +61,7 @@ class Intent(Base):
     depends_on: Mapped[list[Any] | None]
     memory_writes: Mapped[list[Any] | None]
     parent: Mapped[str | None] = mapped_column(String(255))
-    status: Mapped[str] = mapped_column(String(32), index=True)
+    status: Mapped[str] = mapped_column(String(32))
     proposer: Mapped[dict[str, Any]]
     verifier: Mapped[dict[str, Any] | None]
     committer: Mapped[dict[str, Any] | None]
@@ -83,6 +96,7 @@ class IdempotencyRecord(Base):
     """One `Idempotency-Key` of one caller; the primary key is the reservation."""
 
     __tablename__ = "idempotency_keys"
+    __table_args__ = (_partial_index("ix_idempotency_keys_task_pending", "owner", TASK_KEYS_PENDING),)
     scope: Mapped[str] = mapped_column(String(255), primary_key=True)
     key: Mapped[str] = mapped_column(String(255), primary_key=True)
     fingerprint: Mapped[str] = mapped_column(String(64))

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-26 00:11:20.333540
+Create Date: 2026-11-26 04:18:52.258781
 """
 
 from collections.abc import Sequence
@@ -85,6 +85,13 @@ def upgrade() -> None:
     )
     with op.batch_alter_table("idempotency_keys", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_idempotency_keys_expires_at"), ["expires_at"], unique=False)
+        batch_op.create_index(
+            "ix_idempotency_keys_task_pending",
+            ["owner"],
+            unique=False,
+            postgresql_where=sa.text("state = 'pending' AND intent_id IS NULL"),
+            sqlite_where=sa.text("state = 'pending' AND intent_id IS NULL"),
+        )
 
     op.create_table(
         "intents",
@@ -117,7 +124,13 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("intent_id"),
     )
     with op.batch_alter_table("intents", schema=None) as batch_op:
-        batch_op.create_index(batch_op.f("ix_intents_status"), ["status"], unique=False)
+        batch_op.create_index(
+            "ix_intents_in_flight",
+            ["intent_id"],
+            unique=False,
+            postgresql_where=sa.text("status = 'executing' OR compensation_status = 'running'"),
+            sqlite_where=sa.text("status = 'executing' OR compensation_status = 'running'"),
+        )
         batch_op.create_index(batch_op.f("ix_intents_task_id"), ["task_id"], unique=False)
 
     op.create_table(
@@ -245,10 +258,19 @@ def downgrade() -> None:
     op.drop_table("ledger")
     with op.batch_alter_table("intents", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_intents_task_id"))
-        batch_op.drop_index(batch_op.f("ix_intents_status"))
+        batch_op.drop_index(
+            "ix_intents_in_flight",
+            postgresql_where=sa.text("status = 'executing' OR compensation_status = 'running'"),
+            sqlite_where=sa.text("status = 'executing' OR compensation_status = 'running'"),
+        )
 
     op.drop_table("intents")
     with op.batch_alter_table("idempotency_keys", schema=None) as batch_op:
+        batch_op.drop_index(
+            "ix_idempotency_keys_task_pending",
+            postgresql_where=sa.text("state = 'pending' AND intent_id IS NULL"),
+            sqlite_where=sa.text("state = 'pending' AND intent_id IS NULL"),
+        )
         batch_op.drop_index(batch_op.f("ix_idempotency_keys_expires_at"))
 
     op.drop_table("idempotency_keys")
