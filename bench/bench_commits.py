@@ -3,6 +3,7 @@
     python bench/bench_commits.py                   # SQLite and PostgreSQL, 1 and 3 gateway processes
     python bench/bench_commits.py --db postgresql --processes 3 --intents 2000
     python bench/bench_commits.py --quick           # fewer intents per cell
+    python bench/bench_commits.py --db postgresql --processes 3 --repeat 5   # min / median / max
 
 Per cell (database x gateway processes), all on 127.0.0.1, everything fresh:
 
@@ -380,30 +381,33 @@ def main() -> None:
     parser.add_argument(
         "--profile", type=Path, help="py-spy each gateway during the commit phase (pip install py-spy)"
     )
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="run each cell this many times (the machine's speed drifts)"
+    )
     args = parser.parse_args()
     intents = 300 if args.quick else args.intents
     results = []
-    for db in args.db or ["sqlite", "postgresql"]:
-        for processes in args.processes or [1, 3]:
-            with tempfile.TemporaryDirectory(prefix="bench-commits-") as folder:
-                with asyncio.Runner(loop_factory=loop_factory) as runner:
-                    result = runner.run(
-                        run_cell(
-                            db,
-                            processes,
-                            intents,
-                            args.concurrency,
-                            Path(folder),
-                            args.profile,
-                            args.db_pool,
-                            args.statement_pool,
-                        )
+    cells = [(db, n) for db in args.db or ["sqlite", "postgresql"] for n in args.processes or [1, 3]]
+    for db, processes in cells * max(1, args.repeat):
+        with tempfile.TemporaryDirectory(prefix="bench-commits-") as folder:
+            with asyncio.Runner(loop_factory=loop_factory) as runner:
+                result = runner.run(
+                    run_cell(
+                        db,
+                        processes,
+                        intents,
+                        args.concurrency,
+                        Path(folder),
+                        args.profile,
+                        args.db_pool,
+                        args.statement_pool,
                     )
-            results.append(result)
-            print(
-                json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in result.items()}),
-                flush=True,
-            )
+                )
+        results.append(result)
+        print(
+            json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in result.items()}),
+            flush=True,
+        )
     print()
     print(f"load average at the end: {os.getloadavg()}")
     print(
@@ -428,6 +432,17 @@ def main() -> None:
             f"| {r['commit_cpu_ms_upstream']:.2f} | {r['commit_cpu_ms_postgres']:.2f} "
             f"| {r['commit_cpu_ms_machine']:.2f} |"
         )
+    if args.repeat > 1:
+        print()
+        print("commits/s over the repeated runs of each cell")
+        print("| database | gateways | runs | min | median | max |")
+        print("|---|---|---|---|---|---|")
+        for db, processes in cells:
+            rates = [r["commits_per_s"] for r in results if (r["db"], r["processes"]) == (db, processes)]
+            print(
+                f"| {db} | {processes} | {len(rates)} | {min(rates):.0f} | {statistics.median(rates):.0f} "
+                f"| {max(rates):.0f} |"
+            )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 
