@@ -98,3 +98,18 @@ async def test_a_failed_or_cancelled_statement_leaves_its_connection_usable(pg_n
         assert asyncio.get_running_loop().time() - started < 10  # the 30 s sleep was cancelled
     finally:
         await db.close()
+
+
+async def test_closing_waits_for_a_statement_in_flight_then_drops_it(
+    pg_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("gateway.storage.db.CLOSE_SECONDS", 0.5)
+    db = Database(url(pg_name), statement_pool_size=1)
+    slow = asyncio.create_task(db.pg_one(SLEEP, {"seconds": 30}))
+    await asyncio.sleep(0.3)  # the statement is running
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await db.close()
+    assert 0.4 < loop.time() - started < 5  # waited, but not for the 30 s
+    with pytest.raises((asyncpg.InterfaceError, asyncpg.PostgresConnectionError, ConnectionError)):
+        await slow

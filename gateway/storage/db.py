@@ -84,6 +84,8 @@ class PgStatement:
 
 
 _PG_DIALECT = postgresql_asyncpg.dialect()
+# How long closing waits for statements still running before it drops their connections.
+CLOSE_SECONDS = 10.0
 
 
 async def _json_codec(connection: asyncpg.Connection) -> None:
@@ -199,9 +201,12 @@ class Database:
             await connection.execute(text("SELECT 1"))
 
     async def close(self) -> None:
-        if self._statements is not None:
-            await self._statements.close()
-            self._statements = None
+        pool, self._statements = self._statements, None
+        if pool is not None:
+            try:  # close() waits for every statement in flight to come back
+                await asyncio.wait_for(pool.close(), CLOSE_SECONDS)
+            except TimeoutError:
+                pool.terminate()
         await self.engine.dispose()
 
 
