@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
@@ -73,6 +74,8 @@ class Gateway:
         self.assertions = AssertionSigner(config)
         # Work that must finish even when its request is cancelled: stop() waits for it.
         self.executions: set[asyncio.Future[Any]] = set()
+        # Intents this process is reserving or executing right now (commits.execute).
+        self.in_flight: Counter[str] = Counter()
         # Commit protocol: how long a racing commit waits for the winner's stored result,
         # callbacks run in the transaction that records a commit (memory writes), recovery.
         self.commit_wait = 2.0

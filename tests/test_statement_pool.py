@@ -10,7 +10,7 @@ import asyncpg
 import pytest
 
 from gateway.storage import Database
-from gateway.storage.db import PgStatement
+from gateway.storage.db import DatabaseClosed, PgStatement
 from tests.conftest import PG_ADMIN_DSN, create_pg_database, drop_pg_database
 
 pytestmark = pytest.mark.postgres
@@ -41,6 +41,15 @@ async def connections_to(name: str) -> int:
         await admin.close()
 
 
+async def connections_left(name: str) -> int:
+    """After close: a backend may take a moment to leave pg_stat_activity."""
+    for _ in range(30):
+        if (count := await connections_to(name)) == 0:
+            return 0
+        await asyncio.sleep(0.1)
+    return count
+
+
 SLEEP = PgStatement("SELECT pg_backend_pid() AS pid, pg_sleep(CAST(:seconds AS float8)) AS slept")
 
 
@@ -54,7 +63,7 @@ async def test_statements_share_a_bounded_pool_apart_from_sqlalchemys(pg_name: s
         assert pool.checkedin() == 0 and pool.checkedout() == 0  # SQLAlchemy's pool was never used
     finally:
         await db.close()
-    assert await connections_to(pg_name) == 0  # close() closes the statement pool too
+    assert await connections_left(pg_name) == 0  # close() closes the statement pool too
 
 
 async def test_json_values_go_in_as_text_and_come_back_parsed(pg_name: str) -> None:
@@ -113,3 +122,30 @@ async def test_closing_waits_for_a_statement_in_flight_then_drops_it(
     assert 0.4 < loop.time() - started < 5  # waited, but not for the 30 s
     with pytest.raises((asyncpg.InterfaceError, asyncpg.PostgresConnectionError, ConnectionError)):
         await slow
+
+
+async def test_a_statement_waits_for_a_connection_at_most_the_pool_timeout(
+    pg_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("gateway.storage.db.POOL_TIMEOUT", 0.3)
+    db = Database(url(pg_name), statement_pool_size=1)
+    try:
+        busy = asyncio.create_task(db.pg_one(SLEEP, {"seconds": 3}))
+        await asyncio.sleep(0.2)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(TimeoutError):
+            await db.pg_one(PgStatement("SELECT 1 AS one"), {})
+        assert loop.time() - started < 2
+        await busy
+    finally:
+        await db.close()
+
+
+async def test_no_statement_runs_after_close(pg_name: str) -> None:
+    db = Database(url(pg_name))
+    await db.pg_one(PgStatement("SELECT 1 AS one"), {})
+    await db.close()
+    with pytest.raises(DatabaseClosed):
+        await db.pg_one(PgStatement("SELECT 1 AS one"), {})
+    assert await connections_left(pg_name) == 0  # no pool was opened again

@@ -113,6 +113,7 @@ class Ticket:
 
     response: StoredResponse | None = None
     replayed: bool = False
+    executed: bool = False  # `response` is the outcome of this caller's own tool call
 
 
 async def _pending_approval(session: AsyncSession, intent: Intent) -> StoredResponse | None:
@@ -504,6 +505,65 @@ async def execute(
     return await asyncio.shield(gateway.run_to_completion(run()))
 
 
+async def reserve_and_execute(
+    gateway: Gateway,
+    intent: Intent,
+    tool: Tool,
+    ref: KeyRef | None,
+    *,
+    actor: dict[str, Any],
+    trace: TraceContext,
+    decision: Decision | None,
+    decision_id: str | None = None,
+    allowed: tuple[str, ...] = RESERVABLE,
+    request_digest: str | None = None,
+    answer_ref: KeyRef | None = None,
+) -> Ticket:
+    """Reserve, and execute if this caller won: one unit a cancelled request never cuts.
+
+    A reservation can commit on the server although its caller was cancelled or lost the
+    reply; cut there, the intent would stay `executing` with nobody to run it. So the
+    unit runs to completion (shielded, awaited by a clean stop), and while it runs the
+    intent counts in `gateway.in_flight`: an `executing` intent of this instance that is
+    not in flight is one nothing will finish, and the recovery sweep marks it `unknown`.
+
+    `ref` is the key claimed with the reservation; the outcome is stored under
+    `answer_ref` when given (an approved commit claims no key but answers the committer's).
+    """
+
+    async def run() -> Ticket:
+        gateway.in_flight[intent.intent_id] += 1
+        try:
+            ticket = await reserve(
+                gateway,
+                intent,
+                ref,
+                actor=actor,
+                trace=trace,
+                decision=decision,
+                allowed=allowed,
+                request_digest=request_digest,
+            )
+            if ticket.response is not None:
+                return ticket
+            response = await execute(
+                gateway,
+                intent,
+                tool,
+                ref=answer_ref or ref,
+                actor=actor,
+                trace=trace,
+                decision_id=decision.decision_id if decision is not None else decision_id,
+            )
+            return Ticket(response, executed=True)
+        finally:
+            gateway.in_flight[intent.intent_id] -= 1
+            if gateway.in_flight[intent.intent_id] <= 0:
+                del gateway.in_flight[intent.intent_id]
+
+    return await asyncio.shield(gateway.run_to_completion(run()))
+
+
 async def execute_commit(
     gateway: Gateway,
     intent_id: str,
@@ -524,15 +584,23 @@ async def execute_commit(
     async with gateway.db.reading() as session:
         intent = await load(session, intent_id)
     tool = tool_of(gateway, intent.tool)
-    ticket = await reserve(
-        gateway, intent, None, actor=actor, trace=trace, decision=None, allowed=("approved",)
+    ticket = await reserve_and_execute(
+        gateway,
+        intent,
+        tool,
+        None,
+        actor=actor,
+        trace=trace,
+        decision=None,
+        decision_id=decision_id,
+        allowed=("approved",),
+        answer_ref=ref,
     )
-    if ticket.response is not None:
-        if ref is not None:
-            async with gateway.db.transaction() as session:
-                await idempotency.finish(session, ref, ticket.response)
-        return ticket.response
-    return await execute(gateway, intent, tool, ref=ref, actor=actor, trace=trace, decision_id=decision_id)
+    assert ticket.response is not None
+    if not ticket.executed and ref is not None:  # settled before: the key gets that answer
+        async with gateway.db.transaction() as session:
+            await idempotency.finish(session, ref, ticket.response)
+    return ticket.response
 
 
 async def commit(gateway: Gateway, request: Request) -> Response:
@@ -558,29 +626,25 @@ async def commit(gateway: Gateway, request: Request) -> Response:
     await check_envelope(gateway, step, intent.task_id, goal_revision=snapshot.goal_revision)
     tool = tool_of(gateway, intent.tool)
     decision = await decide(gateway, step, "commit", tool, intent)
-    ticket = await reserve(
+    ticket = await reserve_and_execute(
         gateway,
         intent,
+        tool,
         ref,
         actor=step.actor,
         trace=step.trace,
         decision=decision,
         request_digest=ledger.digest(step.body),
     )
+    assert ticket.response is not None
     extra = {"Gateway-Decision-Id": decision.decision_id}
-    if ticket.response is not None:
-        return ticket.response.to_response(replayed=ticket.replayed, extra=extra)
-    response = await execute(
-        gateway, intent, tool, ref=ref, actor=step.actor, trace=step.trace, decision_id=decision.decision_id
-    )
-    return response.to_response(extra=extra)
+    return ticket.response.to_response(replayed=ticket.replayed, extra=extra)
 
 
-def unknown_after_crash(intent_id: str) -> StoredResponse:
-    detail = (
-        "the gateway instance executing this commit stopped mid-call; "
-        "the outcome is unknown and it is not retried"
-    )
+def unknown_after_crash(
+    intent_id: str, cause: str = "the gateway instance executing this commit stopped mid-call"
+) -> StoredResponse:
+    detail = cause + "; the outcome is unknown and it is not retried"
     error = GatewayError(detail, status=502, name="commit-outcome-unknown", title="Commit outcome unknown")
     return StoredResponse.json(
         502, error.to_problem(intent_id=intent_id, intent_status="unknown"), {"gateway-intent-id": intent_id}

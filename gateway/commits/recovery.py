@@ -61,6 +61,14 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+# Why an `executing` intent became `unknown`: (the ledger's reason, the answer's cause).
+STOPPED = ("executor stopped mid-call", "the gateway instance executing this commit stopped mid-call")
+ABANDONED = (
+    "its executor has no call in flight for it",
+    "the gateway instance that reserved this commit has no call in flight for it"
+    " (it lost the reservation's reply, or could not record the outcome)",
+)
+
 # Both read through a partial index of the same condition (gateway.storage.models).
 IN_FLIGHT = select(
     Intent.intent_id, Intent.task_id, Intent.executor, Intent.status, Intent.compensation_executor
@@ -153,16 +161,24 @@ class Recovery:
         async with self.gateway.db.reading() as session:
             orphans = (await session.execute(IN_FLIGHT)).all()
         changed = 0
+        mine = self.gateway.instance_id
         for intent_id, task_id, executor, status, compensator in orphans:
             if status == "executing" and executor not in alive:
-                changed += await self._orphaned_commit(intent_id, task_id, executor)
+                changed += await self._orphaned_commit(intent_id, task_id, executor, STOPPED)
+            elif status == "executing" and executor == mine and intent_id not in self.gateway.in_flight:
+                # Ours, and nothing here will finish it: a reservation that committed after
+                # its caller lost the reply, or an outcome that could not be recorded.
+                changed += await self._orphaned_commit(intent_id, task_id, executor, ABANDONED)
             elif status != "executing" and compensator not in alive:
                 changed += await self._orphaned_compensation(intent_id, task_id, compensator)
         await self._forget_dead_keys(alive)
         return changed
 
-    async def _orphaned_commit(self, intent_id: str, task_id: str, executor: str | None) -> int:
-        response = unknown_after_crash(intent_id)
+    async def _orphaned_commit(
+        self, intent_id: str, task_id: str, executor: str | None, why: tuple[str, str]
+    ) -> int:
+        reason, cause = why
+        response = unknown_after_crash(intent_id, cause)
         async with self.gateway.db.transaction() as session:
             result = await session.execute(
                 update(Intent)
@@ -186,9 +202,9 @@ class Recovery:
                 task_id=task_id,
                 intent_id=intent_id,
                 parent=intent_id,
-                data={"executor": executor, "reason": "executor stopped mid-call"},
+                data={"executor": executor, "reason": reason},
             )
-        log.warning("intent %s: executor %s is gone; outcome unknown", intent_id, executor)
+        log.warning("intent %s: outcome unknown (executor %s: %s)", intent_id, executor, reason)
         return 1
 
     async def _orphaned_compensation(self, intent_id: str, task_id: str, executor: str | None) -> int:

@@ -26,7 +26,7 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from gateway import canonical, idempotency, ledger
-from gateway.commits.execute import execute, reserve
+from gateway.commits.execute import reserve_and_execute
 from gateway.idempotency import KeyRef, StoredResponse
 from gateway.intents import Step, decide, load, tool_of
 from gateway.mcp.jsonrpc import ApprovalPending
@@ -152,12 +152,15 @@ async def commit_call(gateway: Gateway, call: McpCall) -> dict[str, Any]:
     step = Step(call.request, call.principal, call.trace, b"", call.envelope)
     call.decision = decision = await decide(gateway, step, "commit", tool, intent)
     digest = ledger.digest({"name": call.name, "arguments": call.arguments})
-    ticket = await reserve(
-        gateway, intent, ref, actor=step.actor, trace=call.trace, decision=decision, request_digest=digest
+    ticket = await reserve_and_execute(
+        gateway,
+        intent,
+        tool,
+        ref,
+        actor=step.actor,
+        trace=call.trace,
+        decision=decision,
+        request_digest=digest,
     )
-    if ticket.response is not None:
-        return to_result(ticket.response, decision_id=decision.decision_id, replayed=ticket.replayed)
-    response = await execute(
-        gateway, intent, tool, ref=ref, actor=step.actor, trace=call.trace, decision_id=decision.decision_id
-    )
-    return to_result(response, decision_id=decision.decision_id, replayed=False)
+    assert ticket.response is not None
+    return to_result(ticket.response, decision_id=decision.decision_id, replayed=ticket.replayed)

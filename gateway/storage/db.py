@@ -34,6 +34,10 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+# Seconds a statement waits for a pooled connection before it fails (both pools).
+POOL_TIMEOUT = 10.0
+
+
 def create_engine(url: str, *, pool_size: int = 10, max_overflow: int = 10) -> AsyncEngine:
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
@@ -47,7 +51,7 @@ def create_engine(url: str, *, pool_size: int = 10, max_overflow: int = 10) -> A
     # No pre-ping: it costs a round trip per checkout (measured: 14 % of a commit's time);
     # connections are recycled instead, and a dead one fails its request, not the next.
     return create_async_engine(
-        url, pool_size=pool_size, max_overflow=max_overflow, pool_timeout=10, pool_recycle=1800
+        url, pool_size=pool_size, max_overflow=max_overflow, pool_timeout=POOL_TIMEOUT, pool_recycle=1800
     )
 
 
@@ -107,6 +111,10 @@ async def _nothing_to_reset(connection: asyncpg.Connection) -> None:
     """
 
 
+class DatabaseClosed(RuntimeError):
+    """A statement after `Database.close()`."""
+
+
 class Database:
     def __init__(
         self, url: str, *, pool_size: int = 10, max_overflow: int = 10, statement_pool_size: int = 10
@@ -116,6 +124,7 @@ class Database:
         self.statement_pool_size = statement_pool_size
         self._statements: asyncpg.Pool | None = None
         self._statements_opening = asyncio.Lock()
+        self._closed = False
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
         # Reads outside a transaction: no BEGIN / ROLLBACK round trips around one SELECT.
         # SQLite's driver begins one only before a write, so
@@ -175,11 +184,13 @@ class Database:
         """
         pool = self._statements or await self._open_statements()
         # The driver runs a statement outside any transaction as its own.
-        async with pool.acquire() as connection:
+        async with pool.acquire(timeout=POOL_TIMEOUT) as connection:
             return await connection.fetchrow(statement.sql, *statement.arguments(params))
 
     async def _open_statements(self) -> asyncpg.Pool:
         async with self._statements_opening:
+            if self._closed:  # never a new pool that nothing would close
+                raise DatabaseClosed("the database connections are closed (the gateway is stopping)")
             if self._statements is None:
                 args, options = self.engine.dialect.create_connect_args(self.engine.url)
                 # The URL's options as SQLAlchemy hands them to asyncpg.connect; this one is
@@ -201,6 +212,7 @@ class Database:
             await connection.execute(text("SELECT 1"))
 
     async def close(self) -> None:
+        self._closed = True
         pool, self._statements = self._statements, None
         if pool is not None:
             try:  # close() waits for every statement in flight to come back
