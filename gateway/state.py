@@ -106,7 +106,7 @@ class Gateway:
         self._revocation_refresh = asyncio.create_task(self.revocations.run())
 
     def run_to_completion(self, work: Coroutine[Any, Any, T]) -> asyncio.Future[T]:
-        """Run `work` (a commit's tool call and its record) so that a clean stop waits for it.
+        """Run `work` (a commit's reservation, tool call and record) so that a clean stop waits for it.
 
         Callers shield the future: a cancelled request leaves the work running, and
         stop() closes nothing it needs until it is done, so a clean shutdown never

@@ -456,53 +456,46 @@ async def execute(
     trace: TraceContext,
     decision_id: str | None,
 ) -> StoredResponse:
-    """Call the tool for a reserved intent and record what happened (shielded from cancellation)."""
-
-    async def run() -> StoredResponse:
-        started = time.perf_counter()
-        if tool.name == MEMORY_TOOL:  # no upstream: its effect is the memory writes, applied below
-            result = builtin_result(intent)
-            outcome = Outcome(DONE, result, canonical.dumps(result))
-        else:
-            outcome = await call_tool(
+    """Call the tool for a reserved intent and record what happened (inside `reserve_and_execute`)."""
+    started = time.perf_counter()
+    if tool.name == MEMORY_TOOL:  # no upstream: its effect is the memory writes, applied below
+        result = builtin_result(intent)
+        outcome = Outcome(DONE, result, canonical.dumps(result))
+    else:
+        outcome = await call_tool(
+            gateway,
+            tool,
+            intent.arguments,
+            idempotency_key=intent.intent_id,
+            call_id=intent.intent_id,
+            trace=trace,
+            principal=actor,
+        )
+    recording = time.perf_counter()
+    gateway.metrics.stage["upstream"].observe(recording - started)
+    status = {DONE: "committed", UNKNOWN: "unknown"}.get(outcome.kind, "failed")
+    gateway.metrics.commit(status)
+    response = render(intent.intent_id, status, outcome)
+    for attempt in range(5):
+        try:
+            await _finalize(
                 gateway,
-                tool,
-                intent.arguments,
-                idempotency_key=intent.intent_id,
-                call_id=intent.intent_id,
-                trace=trace,
-                principal=actor,
+                intent,
+                status,
+                outcome,
+                response,
+                ref,
+                actor,
+                trace,
+                decision_id,
+                hooks=attempt < 4,
             )
-        recording = time.perf_counter()
-        gateway.metrics.stage["upstream"].observe(recording - started)
-        status = {DONE: "committed", UNKNOWN: "unknown"}.get(outcome.kind, "failed")
-        gateway.metrics.commit(status)
-        response = render(intent.intent_id, status, outcome)
-        for attempt in range(5):
-            try:
-                await _finalize(
-                    gateway,
-                    intent,
-                    status,
-                    outcome,
-                    response,
-                    ref,
-                    actor,
-                    trace,
-                    decision_id,
-                    hooks=attempt < 4,
-                )
-                break
-            except Exception:  # noqa: BLE001 - the effect happened; keep trying to record it
-                log.exception(
-                    "recording the outcome of %s failed (attempt %d)", intent.intent_id, attempt + 1
-                )
-                await asyncio.sleep(0.2 * (attempt + 1))
-        gateway.metrics.stage["record"].observe(time.perf_counter() - recording)
-        return response
-
-    # Tracked by the gateway: a clean shutdown waits for it, never leaving the intent executing.
-    return await asyncio.shield(gateway.run_to_completion(run()))
+            break
+        except Exception:  # noqa: BLE001 - the effect happened; keep trying to record it
+            log.exception("recording the outcome of %s failed (attempt %d)", intent.intent_id, attempt + 1)
+            await asyncio.sleep(0.2 * (attempt + 1))
+    gateway.metrics.stage["record"].observe(time.perf_counter() - recording)
+    return response
 
 
 async def reserve_and_execute(
