@@ -74,7 +74,8 @@ class Gateway:
         self.assertions = AssertionSigner(config)
         # Work that must finish even when its request is cancelled: stop() waits for it.
         self.executions: set[asyncio.Future[Any]] = set()
-        # Intents this process is reserving or executing right now (commits.execute).
+        # Intents this process is committing or compensating right now (commits.execute,
+        # commits.compensate): the recovery sweep leaves these alone.
         self.in_flight: Counter[str] = Counter()
         # Commit protocol: how long a racing commit waits for the winner's stored result,
         # callbacks run in the transaction that records a commit (memory writes), recovery.

@@ -114,3 +114,66 @@ async def test_a_commit_whose_request_is_cancelled_mid_reservation_still_runs_ex
     assert replay.status_code == 200 and replay.json()["status"] == "committed"
     assert replay.headers.get("idempotent-replayed") == "true"
     assert effects.calls["email.notify"] == 1
+
+
+async def test_the_sweep_marks_its_own_running_compensation_with_nothing_in_flight_unknown(
+    gw: Any, effects: Any
+) -> None:
+    client, app, agents, _ = gw
+    gateway = app.state.gateway
+    task = new_task()
+    left = await propose_and_verify(client, agents, task, "email.reserve", {"n": "left"})
+    running = await propose_and_verify(client, agents, task, "email.reserve", {"n": "running"})
+    async with gateway.db.transaction() as session:
+        for iid in (left, running):
+            intent = await session.get(Intent, iid)
+            assert intent is not None
+            intent.status, intent.compensation_status = "compensating", "running"
+            intent.compensation_executor = gateway.instance_id
+    gateway.in_flight[running] += 1
+    try:
+        assert await gateway.recovery.sweep() == 1
+    finally:
+        gateway.in_flight[running] -= 1
+    async with gateway.db.reading() as session:
+        found = {
+            row.intent_id: row.compensation_status
+            for row in (await session.execute(select(Intent))).scalars()
+        }
+    assert found == {left: "unknown", running: "running"}
+    assert effects.calls["email.release"] == 0
+
+
+async def test_a_compensation_whose_request_is_cancelled_mid_call_still_finishes_once(
+    gw: Any, effects: Any
+) -> None:
+    client, app, agents, _ = gw
+    gateway = app.state.gateway
+    task = new_task()
+    iid = await propose_and_verify(client, agents, task, "email.reserve", {"n": 1, "delay": 1.0})
+    committed = await client.post(
+        f"/intents/{iid}/commit", headers=agents.headers("committer", task, key=iid)
+    )
+    assert committed.json()["status"] == "committed"
+    headers = agents.headers("committer", task, key="undo")
+    request = asyncio.create_task(client.post(f"/tasks/{task}/compensate", headers=headers))
+    for _ in range(100):  # until the compensating call (1 s at the upstream) is under way
+        async with gateway.db.reading() as session:
+            intent = await session.get(Intent, iid)
+        if intent is not None and intent.compensation_status == "running":
+            break
+        await asyncio.sleep(0.02)
+    request.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await request
+    for _ in range(200):
+        async with gateway.db.reading() as session:
+            intent = await session.get(Intent, iid)
+        if intent is not None and intent.status == "compensated":
+            break
+        await asyncio.sleep(0.05)
+    assert intent is not None and (intent.status, intent.compensation_status) == ("compensated", "done")
+    assert effects.calls["email.release"] == 1
+    again = await client.post(f"/tasks/{task}/compensate", headers=headers)  # the key was released
+    assert again.status_code == 200 and again.json()["status"] == "compensated"
+    assert effects.calls["email.release"] == 1

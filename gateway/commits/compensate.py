@@ -190,13 +190,19 @@ async def _walk(
                 break
             if intent.compensation_status in ("failed", "unknown") and intent.intent_id not in retryable:
                 return  # failed during this request, or its outcome is unknown: stop here
-            attempt = await _claim(gateway, intent, retryable, step)
-            if attempt is None:
-                waiting = True
-                break
-            retryable.discard(intent.intent_id)
-            if not await _run_step(gateway, intent, plan[intent.intent_id], attempt, step):
-                return
+            gateway.in_flight[intent.intent_id] += 1  # before the claim: the sweep's cue
+            try:
+                attempt = await _claim(gateway, intent, retryable, step)
+                if attempt is None:
+                    waiting = True
+                    break
+                retryable.discard(intent.intent_id)
+                if not await _run_step(gateway, intent, plan[intent.intent_id], attempt, step):
+                    return
+            finally:
+                gateway.in_flight[intent.intent_id] -= 1
+                if gateway.in_flight[intent.intent_id] <= 0:
+                    del gateway.in_flight[intent.intent_id]
         if not waiting:
             return
         if time.monotonic() > deadline:
@@ -246,7 +252,9 @@ async def compensate(gateway: Gateway, request: Request) -> Response:
         return _replay(held, key)
     retryable = {i.intent_id for i in intents if i.compensation_status == "failed"}
     try:
-        await _walk(gateway, task_id, plan, retryable, step)
+        # Run to completion, like a commit: a cancelled request never leaves a step
+        # `running` with nobody to finish it, and a clean stop waits for the walk.
+        await asyncio.shield(gateway.run_to_completion(_walk(gateway, task_id, plan, retryable, step)))
     except BaseException:
         async with gateway.db.transaction() as session:
             await idempotency.release(session, ref)

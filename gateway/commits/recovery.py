@@ -170,7 +170,9 @@ class Recovery:
                 # its caller lost the reply, or an outcome that could not be recorded.
                 changed += await self._orphaned_commit(intent_id, task_id, executor, ABANDONED)
             elif status != "executing" and compensator not in alive:
-                changed += await self._orphaned_compensation(intent_id, task_id, compensator)
+                changed += await self._orphaned_compensation(intent_id, task_id, compensator, STOPPED[0])
+            elif status != "executing" and compensator == mine and intent_id not in self.gateway.in_flight:
+                changed += await self._orphaned_compensation(intent_id, task_id, compensator, ABANDONED[0])
         await self._forget_dead_keys(alive)
         return changed
 
@@ -207,7 +209,9 @@ class Recovery:
         log.warning("intent %s: outcome unknown (executor %s: %s)", intent_id, executor, reason)
         return 1
 
-    async def _orphaned_compensation(self, intent_id: str, task_id: str, executor: str | None) -> int:
+    async def _orphaned_compensation(
+        self, intent_id: str, task_id: str, executor: str | None, reason: str
+    ) -> int:
         async with self.gateway.db.transaction() as session:
             result = await session.execute(
                 update(Intent)
@@ -227,7 +231,7 @@ class Recovery:
                 task_id=task_id,
                 intent_id=intent_id,
                 parent=intent_id,
-                data={"executor": executor, "reason": "executor stopped mid-call; outcome unknown"},
+                data={"executor": executor, "reason": f"{reason}; outcome unknown"},
             )
         return 1
 
