@@ -6,8 +6,9 @@
     + drain_seconds       uvicorn shuts down: it closes its listening socket (new
                           connections are refused), closes idle keep-alive connections
                           and gives requests in flight up to shutdown_timeout to finish
-    lifespan shutdown     Gateway.stop() waits for commits still executing, so a clean
-                          shutdown never leaves an intent `executing`, then closes the rest
+    lifespan shutdown     Gateway.stop() waits for commits and compensations still running,
+                          so a clean shutdown never leaves an intent `executing` (or a step
+                          `running`), then closes the rest
 
 A second signal during the drain skips what is left of it.
 """

@@ -121,7 +121,7 @@ class Gateway:
     async def stop(self) -> None:
         if self.executions:
             timeouts = self.config.gateway.timeouts
-            log.info("waiting for %d commit(s) in flight", len(self.executions))
+            log.info("waiting for %d commit(s) or compensation(s) in flight", len(self.executions))
             await asyncio.wait(set(self.executions), timeout=timeouts.connect + timeouts.read + 15)
         await self.revocations.pauses.stop(self._revocation_refresh)
         self._revocation_refresh = None
