@@ -24,6 +24,7 @@ from gateway.ledger import ensure_head
 from gateway.mcp import McpServers
 from gateway.metrics import Metrics
 from gateway.policy import DecisionLog, PolicyEngine, build_engine
+from gateway.problems import GatewayError
 from gateway.proxy import Forwarder
 from gateway.ratelimits import RateLimiter
 from gateway.schemas import ToolSchemas
@@ -67,6 +68,7 @@ class Gateway:
         self.policy: PolicyEngine = build_engine(config, self.decision_log)
         self.forwarder = Forwarder(config.gateway.timeouts)
         self.draining = False
+        self.stopping = False
         self.metrics = Metrics()
         self.limiter = RateLimiter(config, self.metrics)
         self.credentials = Credentials(config)  # ConfigError now if a value is missing
@@ -106,19 +108,25 @@ class Gateway:
         await self.approvals.start()
         self._revocation_refresh = asyncio.create_task(self.revocations.run())
 
-    def run_to_completion(self, work: Coroutine[Any, Any, T]) -> asyncio.Future[T]:
-        """Run `work` (a commit's reservation, tool call and record) so that a clean stop waits for it.
+    async def complete(self, work: Coroutine[Any, Any, T]) -> T:
+        """Await `work` (a commit, a compensation walk) even when the caller is cancelled.
 
-        Callers shield the future: a cancelled request leaves the work running, and
-        stop() closes nothing it needs until it is done, so a clean shutdown never
-        leaves an intent `executing`.
+        A cancelled request leaves the work running, and stop() closes nothing it needs
+        until it is done, so a clean shutdown never leaves an intent `executing`. What
+        the work raises once nobody awaits it is logged here (asyncio would otherwise
+        report every refusal as an exception never retrieved).
         """
         future = asyncio.ensure_future(work)
         self.executions.add(future)
         future.add_done_callback(self.executions.discard)
-        return future
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            future.add_done_callback(_report_unawaited)
+            raise
 
     async def stop(self) -> None:
+        self.stopping = True  # work waiting on another replica's intent gives up now
         if self.executions:
             timeouts = self.config.gateway.timeouts
             log.info("waiting for %d commit(s) or compensation(s) in flight", len(self.executions))
@@ -133,3 +141,14 @@ class Gateway:
         await self.limiter.stop()
         self.decision_log.close()
         await self.db.close()
+
+
+def _report_unawaited(future: asyncio.Future[Any]) -> None:
+    """The outcome of work whose caller went away (`Gateway.complete`)."""
+    if future.cancelled():
+        return
+    error = future.exception()
+    if isinstance(error, GatewayError):  # a refusal the caller would have received
+        log.info("work whose caller went away ended with %s: %s", error.name, error.detail)
+    elif error is not None:
+        log.error("work whose caller went away failed", exc_info=error)

@@ -7,7 +7,10 @@ in that instance runs `unknown` (never runs it)."""
 from __future__ import annotations
 
 import asyncio
+import gc
+import logging
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +19,7 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from gateway.storage.models import Intent, LedgerEntry
+from gateway.storage.models import GatewayInstance, Intent, LedgerEntry
 from tests.protocol import Agents, commit_config, new_task, propose_and_verify
 
 
@@ -57,7 +60,7 @@ async def test_the_sweep_marks_its_own_executing_intent_with_nothing_in_flight_u
         assert await gateway.recovery.sweep() == 1
         assert await statuses(gateway) == {lost: "unknown", running: "executing"}
     finally:
-        gateway.in_flight[running] -= 1
+        del gateway.in_flight[running]
     async with gateway.db.reading() as session:
         events = (await session.execute(select(LedgerEntry).where(LedgerEntry.intent_id == lost))).scalars()
         last = list(events)[-1]
@@ -134,7 +137,7 @@ async def test_the_sweep_marks_its_own_running_compensation_with_nothing_in_flig
     try:
         assert await gateway.recovery.sweep() == 1
     finally:
-        gateway.in_flight[running] -= 1
+        del gateway.in_flight[running]
     async with gateway.db.reading() as session:
         found = {
             row.intent_id: row.compensation_status
@@ -177,3 +180,84 @@ async def test_a_compensation_whose_request_is_cancelled_mid_call_still_finishes
     again = await client.post(f"/tasks/{task}/compensate", headers=headers)  # the key was released
     assert again.status_code == 200 and again.json()["status"] == "compensated"
     assert effects.calls["email.release"] == 1
+
+
+async def test_a_sweep_during_a_live_commit_leaves_it_alone(gw: Any, effects: Any) -> None:
+    client, app, agents, _ = gw
+    gateway = app.state.gateway
+    task = new_task()
+    iid = await propose_and_verify(client, agents, task, "email.notify", {"n": 1, "delay": 1.0})
+    request = asyncio.create_task(
+        client.post(f"/intents/{iid}/commit", headers=agents.headers("committer", task, key="k-live"))
+    )
+    for _ in range(100):  # until the tool call (1 s at the upstream) is under way
+        if (await statuses(gateway))[iid] == "executing":
+            break
+        await asyncio.sleep(0.02)
+    assert await gateway.recovery.sweep() == 0
+    response = await request
+    assert response.status_code == 200 and response.json()["status"] == "committed"
+    async with gateway.db.reading() as session:
+        events = (
+            await session.execute(select(LedgerEntry.event).where(LedgerEntry.intent_id == iid))
+        ).scalars()
+        assert "unknown" not in list(events)
+    assert effects.calls["email.notify"] == 1
+
+
+async def busy_elsewhere(gateway: Any, iid: str) -> None:
+    """The intent is executing on another replica that is alive."""
+    fresh = datetime.now(UTC)
+    async with gateway.db.transaction() as session:
+        session.add(
+            GatewayInstance(
+                instance_id="elsewhere", node="other-host/boot", pid=1, started_at=fresh, heartbeat_at=fresh
+            )
+        )
+        intent = await session.get(Intent, iid)
+        assert intent is not None
+        intent.status, intent.executor = "executing", "elsewhere"
+
+
+async def test_a_refusal_nobody_waits_for_any_more_is_logged_as_such(
+    gw: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    client, app, agents, _ = gw
+    gateway = app.state.gateway
+    gateway.commit_wait = 0.5
+    task = new_task()
+    iid = await propose_and_verify(client, agents, task, "email.notify", {"n": 1})
+    await busy_elsewhere(gateway, iid)
+    caplog.set_level(logging.INFO)
+    request = asyncio.create_task(
+        client.post(f"/intents/{iid}/commit", headers=agents.headers("committer", task, key="k-gone"))
+    )
+    await asyncio.sleep(0.1)
+    request.cancel()  # the caller goes away while its commit waits for the other replica
+    with pytest.raises(asyncio.CancelledError):
+        await request
+    await asyncio.sleep(1.0)  # the wait runs out: a 409 that nobody receives
+    gc.collect()
+    await asyncio.sleep(0)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert any("ended with commit-in-progress" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_stopping_gateway_stops_waiting_for_another_replicas_commit(gw: Any) -> None:
+    client, app, agents, _ = gw
+    gateway = app.state.gateway
+    gateway.commit_wait = 30
+    task = new_task()
+    iid = await propose_and_verify(client, agents, task, "email.notify", {"n": 1})
+    await busy_elsewhere(gateway, iid)
+    request = asyncio.create_task(
+        client.post(f"/intents/{iid}/commit", headers=agents.headers("committer", task, key="k-stop"))
+    )
+    await asyncio.sleep(0.2)
+    gateway.stopping = True
+    try:
+        response = await asyncio.wait_for(request, 2)
+    finally:
+        gateway.stopping = False
+    assert response.status_code == 409
+    assert response.json()["type"].endswith("/commit-in-progress")

@@ -205,7 +205,7 @@ async def _walk(
                     del gateway.in_flight[intent.intent_id]
         if not waiting:
             return
-        if time.monotonic() > deadline:
+        if time.monotonic() > deadline or gateway.stopping:
             raise CompensationInProgress(
                 f"task {task_id!r} is being compensated by another request", headers={"Retry-After": "1"}
             )
@@ -254,7 +254,7 @@ async def compensate(gateway: Gateway, request: Request) -> Response:
     try:
         # Run to completion, like a commit: a cancelled request never leaves a step
         # `running` with nobody to finish it, and a clean stop waits for the walk.
-        await asyncio.shield(gateway.run_to_completion(_walk(gateway, task_id, plan, retryable, step)))
+        await gateway.complete(_walk(gateway, task_id, plan, retryable, step))
     except BaseException:
         async with gateway.db.transaction() as session:
             await idempotency.release(session, ref)

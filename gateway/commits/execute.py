@@ -359,7 +359,7 @@ async def reserve(
                 assert ref is not None
                 return Ticket(await _settle_key(gateway, ref, held.record), replayed=True)
         except (_Busy, MemoryBusy) as busy:
-            if time.monotonic() >= deadline:
+            if time.monotonic() >= deadline or gateway.stopping:
                 if isinstance(busy, MemoryBusy):
                     raise
                 raise idempotency.InProgress(
@@ -554,7 +554,7 @@ async def reserve_and_execute(
             if gateway.in_flight[intent.intent_id] <= 0:
                 del gateway.in_flight[intent.intent_id]
 
-    return await asyncio.shield(gateway.run_to_completion(run()))
+    return await gateway.complete(run())
 
 
 async def execute_commit(
