@@ -41,6 +41,24 @@ async def statuses(gateway: Any) -> dict[str, str]:
         return {row.intent_id: row.status for row in (await session.execute(select(Intent))).scalars()}
 
 
+async def set_intents(gateway: Any, iids: tuple[str, ...], **values: Any) -> None:
+    async with gateway.db.transaction() as session:
+        for iid in iids:
+            intent = await session.get(Intent, iid)
+            assert intent is not None
+            for name, value in values.items():
+                setattr(intent, name, value)
+
+
+async def sweep_with_in_flight(gateway: Any, iid: str) -> int:
+    """One sweep while `iid` counts as in flight in this gateway."""
+    gateway.in_flight[iid] += 1
+    try:
+        return int(await gateway.recovery.sweep())
+    finally:
+        del gateway.in_flight[iid]
+
+
 async def test_the_sweep_marks_its_own_executing_intent_with_nothing_in_flight_unknown(
     gw: Any, effects: Any
 ) -> None:
@@ -50,17 +68,9 @@ async def test_the_sweep_marks_its_own_executing_intent_with_nothing_in_flight_u
     lost = await propose_and_verify(client, agents, task, "email.notify", {"n": "lost"})
     running = await propose_and_verify(client, agents, task, "email.notify", {"n": "running"})
     # What a reservation leaves when it commits on the server and its reply is lost.
-    async with gateway.db.transaction() as session:
-        for iid in (lost, running):
-            intent = await session.get(Intent, iid)
-            assert intent is not None
-            intent.status, intent.executor = "executing", gateway.instance_id
-    gateway.in_flight[running] += 1  # this one is still being executed here
-    try:
-        assert await gateway.recovery.sweep() == 1
-        assert await statuses(gateway) == {lost: "unknown", running: "executing"}
-    finally:
-        del gateway.in_flight[running]
+    await set_intents(gateway, (lost, running), status="executing", executor=gateway.instance_id)
+    assert await sweep_with_in_flight(gateway, running) == 1  # `running` is still executed here
+    assert await statuses(gateway) == {lost: "unknown", running: "executing"}
     async with gateway.db.reading() as session:
         events = (await session.execute(select(LedgerEntry).where(LedgerEntry.intent_id == lost))).scalars()
         last = list(events)[-1]
@@ -127,17 +137,14 @@ async def test_the_sweep_marks_its_own_running_compensation_with_nothing_in_flig
     task = new_task()
     left = await propose_and_verify(client, agents, task, "email.reserve", {"n": "left"})
     running = await propose_and_verify(client, agents, task, "email.reserve", {"n": "running"})
-    async with gateway.db.transaction() as session:
-        for iid in (left, running):
-            intent = await session.get(Intent, iid)
-            assert intent is not None
-            intent.status, intent.compensation_status = "compensating", "running"
-            intent.compensation_executor = gateway.instance_id
-    gateway.in_flight[running] += 1
-    try:
-        assert await gateway.recovery.sweep() == 1
-    finally:
-        del gateway.in_flight[running]
+    await set_intents(
+        gateway,
+        (left, running),
+        status="compensating",
+        compensation_status="running",
+        compensation_executor=gateway.instance_id,
+    )
+    assert await sweep_with_in_flight(gateway, running) == 1
     async with gateway.db.reading() as session:
         found = {
             row.intent_id: row.compensation_status
