@@ -177,7 +177,7 @@ class Database:
     async def pg_one(self, statement: PgStatement, params: dict[str, Any]) -> Any:
         """Run one PostgreSQL statement as its own transaction on the driver (asyncpg) itself.
 
-        One round trip, on a connection of the statement pool (`statements_pool`), without
+        One round trip, on a connection of the statement pool (`db_statement_pool_size`), without
         SQLAlchemy's per-statement and per-checkout work: through the engine's pool, checkout
         and return cost three times the driver's own work for the statement. Returns the
         first row (an asyncpg Record) or None.
@@ -194,7 +194,7 @@ class Database:
             if self._statements is None:
                 args, options = self.engine.dialect.create_connect_args(self.engine.url)
                 # The URL's options as SQLAlchemy hands them to asyncpg.connect; this one is
-                # SQLAlchemy's own name for asyncpg's statement cache (0 behind PgBouncer).
+                # SQLAlchemy's own name for asyncpg's statement cache size.
                 cache = int(options.pop("prepared_statement_cache_size", 100))
                 self._statements = await asyncpg.create_pool(
                     *args,
