@@ -6,7 +6,8 @@ import asyncio
 import logging
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -107,6 +108,17 @@ class Gateway:
         await self.recovery.start()
         await self.approvals.start()
         self._revocation_refresh = asyncio.create_task(self.revocations.run())
+
+    @contextmanager
+    def working_on(self, intent_id: str) -> Iterator[None]:
+        """Count `intent_id` in `in_flight` while the block runs (the sweep leaves it alone)."""
+        self.in_flight[intent_id] += 1
+        try:
+            yield
+        finally:
+            self.in_flight[intent_id] -= 1
+            if self.in_flight[intent_id] <= 0:
+                del self.in_flight[intent_id]
 
     async def complete(self, work: Coroutine[Any, Any, T]) -> T:
         """Await `work` (a commit, a compensation walk) even when the caller is cancelled.

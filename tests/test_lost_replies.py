@@ -52,11 +52,8 @@ async def set_intents(gateway: Any, iids: tuple[str, ...], **values: Any) -> Non
 
 async def sweep_with_in_flight(gateway: Any, iid: str) -> int:
     """One sweep while `iid` counts as in flight in this gateway."""
-    gateway.in_flight[iid] += 1
-    try:
+    with gateway.working_on(iid):
         return int(await gateway.recovery.sweep())
-    finally:
-        del gateway.in_flight[iid]
 
 
 async def test_the_sweep_marks_its_own_executing_intent_with_nothing_in_flight_unknown(

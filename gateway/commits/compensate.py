@@ -190,8 +190,7 @@ async def _walk(
                 break
             if intent.compensation_status in ("failed", "unknown") and intent.intent_id not in retryable:
                 return  # failed during this request, or its outcome is unknown: stop here
-            gateway.in_flight[intent.intent_id] += 1  # before the claim: the sweep's cue
-            try:
+            with gateway.working_on(intent.intent_id):  # from before the claim: the sweep's cue
                 attempt = await _claim(gateway, intent, retryable, step)
                 if attempt is None:
                     waiting = True
@@ -199,10 +198,6 @@ async def _walk(
                 retryable.discard(intent.intent_id)
                 if not await _run_step(gateway, intent, plan[intent.intent_id], attempt, step):
                     return
-            finally:
-                gateway.in_flight[intent.intent_id] -= 1
-                if gateway.in_flight[intent.intent_id] <= 0:
-                    del gateway.in_flight[intent.intent_id]
         if not waiting:
             return
         if time.monotonic() > deadline or gateway.stopping:

@@ -525,8 +525,7 @@ async def reserve_and_execute(
     """
 
     async def run() -> Ticket:
-        gateway.in_flight[intent.intent_id] += 1
-        try:
+        with gateway.working_on(intent.intent_id):
             ticket = await reserve(
                 gateway,
                 intent,
@@ -549,10 +548,6 @@ async def reserve_and_execute(
                 decision_id=decision.decision_id if decision is not None else decision_id,
             )
             return Ticket(response, executed=True)
-        finally:
-            gateway.in_flight[intent.intent_id] -= 1
-            if gateway.in_flight[intent.intent_id] <= 0:
-                del gateway.in_flight[intent.intent_id]
 
     return await gateway.complete(run())
 
