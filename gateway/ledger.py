@@ -252,6 +252,64 @@ def pg_appended(entry: NewEntry, params: dict[str, Any], row: Any) -> NewEntry:
     return entry
 
 
+# Several appends in one statement (`gateway.commits.batched`), through the function
+# `ledger_append_many` (migration 0002). Each entry's parameters are one array element;
+# `PG_MANY_INPUT` names them for an `unnest(...) WITH ORDINALITY` of the batch's input
+# (column `entry_<name>`, parameter `entry_<name>s`), and `pg_many_sql` appends the
+# entries of the input rows a CTE selects, in input order.
+PG_MANY_INPUT = (
+    ("prefix", "bytea"),
+    ("suffix", "bytea"),
+    ("at", "timestamptz"),
+    ("event", "text"),
+    ("actor_sub", "text"),
+    ("actor_role", "text"),
+    ("task_id", "text"),
+    ("intent_id", "text"),
+    ("decision_id", "text"),
+    ("parent", "text"),
+    ("request_digest", "text"),
+    ("effect_digest", "text"),
+    ("trace_id", "text"),
+    ("data", "json"),
+)
+
+
+def pg_many_sql(rows: str) -> str:
+    """The statement's last part: append the entries of CTE `rows` (which has `n`, the input order)."""
+    arrays = ", ".join(
+        f"array_agg({rows}.entry_{name} ORDER BY {rows}.n) AS {name}s" for name, _ in PG_MANY_INPUT
+    )
+    arguments = ", ".join(f"batch.{name}s" for name, _ in PG_MANY_INPUT)
+    return (  # names of our own; every value is bound
+        " SELECT appended.entry_intent_id, appended.entry_seq, appended.entry_prev_hash, appended.entry_hash"  # noqa: S608
+        f" FROM (SELECT {arrays} FROM {rows}) AS batch,"
+        f" LATERAL ledger_append_many({arguments}) AS appended"
+    )
+
+
+def pg_many_params(params: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    """The array parameters (`entry_<name>s`) of several entries' `pg_params`, in order."""
+    return {f"entry_{name}s": [one[name] for one in params] for name, _ in PG_MANY_INPUT}
+
+
+def pg_appended_many(
+    entries: list[NewEntry], params: list[dict[str, Any]], rows: list[Any]
+) -> dict[str, NewEntry]:
+    """The entries the database chained, by intent id, each hash checked as `pg_appended` does,
+    and each entry's prev_hash checked against the hash before it."""
+    by_intent = {entry.intent_id: (entry, one) for entry, one in zip(entries, params, strict=True)}
+    appended: dict[str, NewEntry] = {}
+    previous: NewEntry | None = None
+    for row in sorted(rows, key=lambda row: int(row[1])):
+        entry, one = by_intent[row[0]]
+        pg_appended(entry, one, tuple(row)[1:])
+        if previous is not None and (entry.seq != previous.seq + 1 or entry.prev_hash != previous.hash):
+            raise LedgerError(f"ledger entry {entry.seq} is not chained onto entry {previous.seq}")
+        appended[row[0]] = previous = entry
+    return appended
+
+
 async def append(session: AsyncSession, **fields: Any) -> LedgerEntry:
     """Append one entry inside the caller's transaction; it commits or rolls back with it.
 

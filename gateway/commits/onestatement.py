@@ -32,6 +32,7 @@ from typing import Any
 from sqlalchemy import JSON, Column, DateTime, Integer, and_, bindparam, func, select
 
 from gateway import ledger
+from gateway.commits import batched
 from gateway.idempotency import DONE, PENDING, KeyRef, StoredResponse
 from gateway.memory.names import GOALS
 from gateway.storage import Database
@@ -107,26 +108,29 @@ async def reserve(
     committer: dict[str, Any],
     started: ledger.NewEntry,
 ) -> ledger.NewEntry | None:
-    """Claim the key, start the intent and ledger `started`; None when nothing was changed."""
+    """Claim the key, start the intent and ledger `started`; None when nothing was changed.
+
+    Concurrent reservations on this database run as one statement (`batched`)."""
     params = ledger.pg_params(started)
     if params is None:
         return None
     at = started.at  # the entry's time is hashed: every timestamp of the step is that one
-    row = await db.pg_one(
-        _RESERVE,
-        {
-            **params,
-            "scope": ref.scope,
-            "key": ref.key,
-            "fingerprint": ref.fingerprint,
-            "pending": PENDING,
-            "executor": executor,
-            "at": at,
-            "expires_at": at + timedelta(seconds=ttl),
-            "committer": json.dumps(committer),
-        },
-    )
-    return None if row is None else ledger.pg_appended(started, params, row)
+    values = {
+        "intent_id": intent.intent_id,
+        "scope": ref.scope,
+        "key": ref.key,
+        "fingerprint": ref.fingerprint,
+        "executor": executor,
+        "at": at,
+        "expires_at": at + timedelta(seconds=ttl),
+        "committer": json.dumps(committer),
+    }
+    return await batched.batcher(db, "reserve", _reserve_one).submit(batched.Call(values, started, params))
+
+
+async def _reserve_one(db: Database, call: batched.Call) -> ledger.NewEntry | None:
+    row = await db.pg_one(_RESERVE, {**call.entry_params, **call.values, "pending": PENDING})
+    return None if row is None else ledger.pg_appended(call.entry, call.entry_params, row)
 
 
 async def record(
@@ -143,31 +147,31 @@ async def record(
 
     The ledger entry when it was appended; None when the intent was not changed (it is
     no longer this executor's, or the ledger head is missing): then the general path
-    decides, as when the entry cannot be appended in one statement.
+    decides, as when the entry cannot be appended in one statement. Concurrent records
+    on this database run as one statement (`batched`).
     """
     params = ledger.pg_params(outcome)
     if params is None:
         return None
-    at = outcome.at
-    row = await db.pg_one(
-        _RECORD,
-        {
-            **params,
-            "intent_id": intent.intent_id,
-            "status": status,
-            "result_status": response.status,
-            "result_body": response.body,
-            "result_content_type": response.headers.get("content-type"),
-            "executor": executor,
-            "at": at,
-            "done": DONE,
-            "response_headers": json.dumps(response.headers),
-            # No key (an approved commit): the key update matches no row.
-            "scope": ref.scope if ref is not None else "",
-            "key": ref.key if ref is not None else "",
-        },
-    )
-    return None if row is None else ledger.pg_appended(outcome, params, row)
+    values = {
+        "intent_id": intent.intent_id,
+        "status": status,
+        "result_status": response.status,
+        "result_body": response.body,
+        "result_content_type": response.headers.get("content-type"),
+        "executor": executor,
+        "at": outcome.at,
+        "response_headers": json.dumps(response.headers),
+        # No key (an approved commit): the key update matches no row.
+        "scope": ref.scope if ref is not None else "",
+        "key": ref.key if ref is not None else "",
+    }
+    return await batched.batcher(db, "record", _record_one).submit(batched.Call(values, outcome, params))
+
+
+async def _record_one(db: Database, call: batched.Call) -> ledger.NewEntry | None:
+    row = await db.pg_one(_RECORD, {**call.entry_params, **call.values, "done": DONE})
+    return None if row is None else ledger.pg_appended(call.entry, call.entry_params, row)
 
 
 @dataclass(frozen=True)

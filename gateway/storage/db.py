@@ -187,6 +187,12 @@ class Database:
         async with pool.acquire(timeout=POOL_TIMEOUT) as connection:
             return await connection.fetchrow(statement.sql, *statement.arguments(params))
 
+    async def pg_all(self, statement: PgStatement, params: dict[str, Any]) -> list[Any]:
+        """As `pg_one`, but every row (asyncpg Records)."""
+        pool = self._statements or await self._open_statements()
+        async with pool.acquire(timeout=POOL_TIMEOUT) as connection:
+            return await connection.fetch(statement.sql, *statement.arguments(params))
+
     async def _open_statements(self) -> asyncpg.Pool:
         async with self._statements_opening:
             if self._closed:  # never a new pool that nothing would close
