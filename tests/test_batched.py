@@ -377,3 +377,65 @@ async def test_batches_claim_keys_in_key_order_whatever_order_their_intents_came
         reservations((i3, "K2"), (i4, "K1")),
     )
     assert results == [[None, None], [None, None]]
+
+
+async def test_a_call_waiting_for_a_row_lock_does_not_hold_up_the_calls_behind_it(db: Database) -> None:
+    """Before its stall bound, one call waiting for a locked intent held up every later
+    reservation of the gateway, whatever their intents."""
+    name = db.url.rsplit("/", 1)[1]
+    x, y = await add_intents(db, 2)
+    holder = await asyncpg.connect(f"postgresql://postgres@127.0.0.1:5432/{name}")
+    try:
+        holding = holder.transaction()
+        await holding.start()
+        await holder.execute("SELECT 1 FROM intents WHERE intent_id = $1 FOR UPDATE", x.intent_id)
+        blocked = asyncio.ensure_future(reserve(db, x, ref("x")))
+        await asyncio.sleep(0.02)
+        free = await asyncio.wait_for(reserve(db, y, ref("y")), 2)  # the lock is held for longer
+        assert free is not None
+        assert not blocked.done()
+        await holding.rollback()
+        assert await asyncio.wait_for(blocked, 5) is not None
+    finally:
+        await holder.close()
+
+
+async def test_only_an_error_of_the_statement_itself_counts_as_nothing_changed(db: Database) -> None:
+    name = db.url.rsplit("/", 1)[1]
+    connection = await asyncpg.connect(f"postgresql://postgres@127.0.0.1:5432/{name}")
+    try:
+        with pytest.raises(asyncpg.PostgresError) as statement_error:
+            await connection.fetchval("SELECT 1 / 0")
+        assert batched.rolled_back(statement_error.value)
+        pid = await connection.fetchval("SELECT pg_backend_pid()")
+        sleeping = asyncio.ensure_future(connection.fetchval("SELECT pg_sleep(10)"))
+        await asyncio.sleep(0.2)
+        admin = await asyncpg.connect(PG_ADMIN_DSN)
+        try:
+            await admin.execute("SELECT pg_terminate_backend($1)", pid)
+        finally:
+            await admin.close()
+        with pytest.raises(Exception) as ended:  # noqa: PT011 - FATAL or a lost connection
+            await asyncio.wait_for(sleeping, 5)
+        assert not batched.rolled_back(ended.value)  # after a FATAL, the COMMIT may have happened
+    finally:
+        connection.terminate()
+
+
+async def test_a_database_that_is_dropped_is_freed_with_its_batchers() -> None:
+    import gc
+    import weakref
+
+    name = await create_pg_database(migrated=True)
+    try:
+        database = Database(f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}")
+        await ledger.ensure_head(database)
+        (intent,) = await add_intents(database, 1)
+        assert await reserve(database, intent, ref("k")) is not None
+        await database.close()
+        gone = weakref.ref(database)
+        del database
+        gc.collect()
+        assert gone() is None
+    finally:
+        await drop_pg_database(name)

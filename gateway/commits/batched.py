@@ -5,17 +5,21 @@ Each of a commit's two writes (`onestatement.reserve` and `onestatement.record`)
 through a `Batcher`, one per step and database. While its statement runs, the calls that
 arrive wait; then they go together, as one statement of `unnest`ed arrays. A call that
 finds nothing running goes at once, alone, as the one-row statement of `onestatement`:
-batches form only under load, and add no wait.
+batches form only under load, and add no wait. A batch that waits for a row lock longer
+than `STALL_SECONDS` no longer holds up the calls behind it.
 
 A batch statement does for each of its rows what the one-row statement does, and leaves
 a row it cannot do unchanged (the caller gets None and runs the general path), as the
-one-row statement would. Locks are taken in one order, as everywhere else: the batch's
-intents first (sorted by id), then their keys (sorted), then the ledger head, in the
-function `ledger_append_many` (migration 0002), which chains the entries in input order.
-A batch never holds two rows for one intent or one key: the later call waits for the
-next batch. Two statements that take the same kind of lock in the same order cannot
-deadlock; should PostgreSQL still report an error, the batch's transaction is rolled
-back and every caller gets None, so each decides on the general path.
+one-row statement would. A batch never holds two calls for one intent or one key: the
+later call waits for the next batch. Locks are taken in one order, as by every other
+writer: the batch's intents first (sorted by id), then their keys (sorted), then the
+ledger head, in the function `ledger_append_many` (migration 0002), which chains the
+entries in input order. Batches therefore cannot deadlock with each other or with the
+one-row and general paths, which lock one intent, then its key, then the head. The
+purges of expired keys delete many keys in their own order and can: PostgreSQL then
+aborts one side. An error the server reports for the statement (`rolled_back`) means
+its transaction changed nothing, and every caller gets None, so each decides on the
+general path.
 """
 
 from __future__ import annotations
@@ -32,10 +36,13 @@ import asyncpg
 from gateway import ledger
 from gateway.idempotency import DONE, PENDING
 from gateway.storage import Database
-from gateway.storage.db import PgStatement
+from gateway.storage.db import DatabaseClosed, PgStatement
 
 # Rows per batch at most; the calls beyond it wait for the next batch.
 BATCH_LIMIT = 32
+# How long a batch may hold up the calls behind it (a batch runs in a few milliseconds,
+# unless it waits for a row lock).
+STALL_SECONDS = 0.05
 
 _RESERVE_INPUT = (
     ("intent_id", "text"),
@@ -170,17 +177,32 @@ class Call:
 
 
 One = Callable[[Database, Call], Awaitable[ledger.NewEntry | None]]
-Many = Callable[[list[Call]], Awaitable[list[ledger.NewEntry | None]]]
+Many = Callable[[Database, list[Call]], Awaitable[list[ledger.NewEntry | None]]]
+
+
+def rolled_back(error: BaseException) -> bool:
+    """An error the server reported for the statement itself: its transaction is rolled back.
+
+    Not a FATAL (an administrator's shutdown, a crash elsewhere): that can come after the
+    COMMIT, so what the statement did is unknown."""
+    return isinstance(error, asyncpg.PostgresError) and getattr(error, "severity_en", None) == "ERROR"
 
 
 class Batcher:
-    """Runs one step's calls: alone when nothing runs, else together once the running batch ends."""
+    """Runs one step's calls: alone when nothing runs, else together once the running batch ends.
+
+    A batch that runs longer than `STALL_SECONDS` (it waits for a row another transaction
+    holds) stops holding up the calls behind it: the next batch starts beside it.
+    """
 
     def __init__(self, db: Database, one: One, many: Many, limit: int | None = None) -> None:
-        self.db = db
+        # Weak: the database's batchers are found by the database (`batcher`), and must not
+        # keep it alive.
+        self._db = weakref.ref(db)
         self._one, self._many, self._limit = one, many, limit or BATCH_LIMIT
         self._queue: deque[Call] = deque()
         self._draining: asyncio.Task[None] | None = None
+        self._running: set[asyncio.Task[None]] = set()
 
     async def submit(self, call: Call) -> ledger.NewEntry | None:
         self._queue.append(call)
@@ -192,8 +214,16 @@ class Batcher:
         try:
             while self._queue:
                 batch = self._take()
-                if batch:
-                    await self._run(batch)
+                if not batch:
+                    continue
+                running = asyncio.ensure_future(self._run(batch))
+                self._running.add(running)
+                running.add_done_callback(self._running.discard)
+                await asyncio.wait({running}, timeout=STALL_SECONDS)
+        except asyncio.CancelledError:  # the loop is closing: nothing will run the calls left
+            while self._queue:
+                self._queue.popleft().future.cancel()
+            raise
         finally:
             self._draining = None
 
@@ -218,23 +248,28 @@ class Batcher:
         return batch
 
     async def _run(self, batch: list[Call]) -> None:
+        results: list[ledger.NewEntry | None]
         try:
+            db = self._db()
+            if db is None:
+                raise DatabaseClosed("the database is gone")
             if len(batch) == 1:
-                results = [await self._one(self.db, batch[0])]
+                results = [await self._one(db, batch[0])]
             else:
-                try:
-                    results = await self._many(batch)
-                except asyncpg.PostgresError:
-                    # Reported by the server: the batch's transaction is rolled back, nothing
-                    # changed, and each caller decides on the general path.
-                    results = [None] * len(batch)
-        except BaseException as error:  # the outcome is unknown: each caller gets the error
+                results = await self._many(db, batch)
+        except asyncio.CancelledError:
             for call in batch:
-                if not call.future.done():
-                    call.future.set_exception(error)
-            if isinstance(error, asyncio.CancelledError):
-                raise
-            return
+                call.future.cancel()
+            raise
+        except Exception as error:
+            if rolled_back(error):
+                # Nothing changed: each caller decides on the general path.
+                results = [None] * len(batch)
+            else:  # the outcome is unknown: each caller gets the error
+                for call in batch:
+                    if not call.future.done():
+                        call.future.set_exception(error)
+                return
         for call, result in zip(batch, results, strict=True):
             if not call.future.done():
                 call.future.set_result(result)
@@ -263,6 +298,15 @@ async def _run_many(
     return [appended.get(call.intent_id) for call in calls]
 
 
+async def _reserve_many(db: Database, calls: list[Call]) -> list[ledger.NewEntry | None]:
+    return await _run_many(db, _RESERVE, _RESERVE_INPUT, calls, pending=PENDING)
+
+
+async def _record_many(db: Database, calls: list[Call]) -> list[ledger.NewEntry | None]:
+    return await _run_many(db, _RECORD, _RECORD_INPUT, calls, done=DONE)
+
+
+_MANY: dict[str, Many] = {"reserve": _reserve_many, "record": _record_many}
 _batchers: weakref.WeakKeyDictionary[Database, dict[str, Batcher]] = weakref.WeakKeyDictionary()
 
 
@@ -271,14 +315,5 @@ def batcher(db: Database, step: str, one: One) -> Batcher:
     steps = _batchers.setdefault(db, {})
     found = steps.get(step)
     if found is None:
-        if step == "reserve":
-
-            async def many(calls: list[Call]) -> list[ledger.NewEntry | None]:
-                return await _run_many(db, _RESERVE, _RESERVE_INPUT, calls, pending=PENDING)
-        else:
-
-            async def many(calls: list[Call]) -> list[ledger.NewEntry | None]:
-                return await _run_many(db, _RECORD, _RECORD_INPUT, calls, done=DONE)
-
-        found = steps[step] = Batcher(db, one, many)
+        found = steps[step] = Batcher(db, one, _MANY[step])
     return found
