@@ -98,6 +98,18 @@ async def rows(db: Database) -> tuple[dict[str, Intent], dict[str, IdempotencyRe
     return intents, keys, entries
 
 
+async def assert_no_deadlock_in(db: Database) -> None:
+    """Closes `db`: its backends leave, and report their counters as they do."""
+    await db.close()
+    admin = await asyncpg.connect(PG_ADMIN_DSN)
+    try:
+        name = db.url.rsplit("/", 1)[1]
+        deadlocks = await admin.fetchval("SELECT deadlocks FROM pg_stat_database WHERE datname = $1", name)
+    finally:
+        await admin.close()
+    assert deadlocks == 0
+
+
 async def test_concurrent_reservations_and_records_run_as_few_statements_and_chain_every_entry(
     db: Database, statements: list[int]
 ) -> None:
@@ -209,14 +221,7 @@ async def test_racing_batches_of_two_gateways_over_the_same_intents_never_deadlo
         assert (await ledger.verify(db)).ok
     finally:
         await other.close()
-    await db.close()  # the backends leave, and report their counters as they do
-    name = db.url.rsplit("/", 1)[1]
-    admin = await asyncpg.connect(PG_ADMIN_DSN)
-    try:
-        deadlocks = await admin.fetchval("SELECT deadlocks FROM pg_stat_database WHERE datname = $1", name)
-    finally:
-        await admin.close()
-    assert deadlocks == 0
+    await assert_no_deadlock_in(db)
 
 
 async def test_a_call_whose_caller_is_gone_before_its_batch_runs_is_left_out(
@@ -335,13 +340,7 @@ async def race_behind_a_lock(
             await holder.close()
     finally:
         await other.close()
-    await db.close()  # the backends leave, and report their counters as they do
-    admin = await asyncpg.connect(PG_ADMIN_DSN)
-    try:
-        deadlocks = await admin.fetchval("SELECT deadlocks FROM pg_stat_database WHERE datname = $1", name)
-    finally:
-        await admin.close()
-    assert deadlocks == 0
+    await assert_no_deadlock_in(db)
     return results
 
 
