@@ -4,6 +4,8 @@
                                                          allow | deny | none (refused before policy)
     agent_gateway_stage_seconds{stage}                   histogram per pipeline stage (STAGES)
     agent_gateway_commits_total{outcome}                 committed | failed | unknown
+    agent_gateway_commit_batch_size{step}                calls per statement of a commit's
+                                                         reserve | record step (PostgreSQL)
     agent_gateway_rate_limited_total{tool}               calls refused with 429
     agent_gateway_rate_limit_storage_up                  1 while the rate-limit store answers
     agent_gateway_approvals_pending                      read from the database at scrape time
@@ -72,6 +74,9 @@ BUCKETS = (
     30.0,
 )
 COMMIT_OUTCOMES = ("committed", "failed", "unknown")
+COMMIT_STEPS = ("reserve", "record")
+# gateway/commits/batched.py: a call alone, or up to BATCH_LIMIT (32) together.
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32)
 SCRAPE_QUERY_TIMEOUT = 2.0
 
 
@@ -105,6 +110,14 @@ class Metrics:
             registry=registry,
         )
         self.commits = {outcome: commits.labels(outcome) for outcome in COMMIT_OUTCOMES}
+        batch = Histogram(
+            "agent_gateway_commit_batch_size",
+            "Calls per statement of the commit's one-statement steps on PostgreSQL, by step.",
+            ("step",),
+            buckets=BATCH_BUCKETS,
+            registry=registry,
+        )
+        self.commit_batches = {step: batch.labels(step) for step in COMMIT_STEPS}
         self.rate_limited = Counter(
             "agent_gateway_rate_limited",
             "Calls refused by a rate limit, by tool.",
@@ -140,6 +153,11 @@ class Metrics:
         counter = self.commits.get(outcome)
         if counter is not None:
             counter.inc()
+
+    def commit_batch(self, step: str, size: int) -> None:
+        histogram = self.commit_batches.get(step)
+        if histogram is not None:
+            histogram.observe(size)
 
     def policy(self, version: str, ok: bool) -> None:
         self.policy_reload_success.set(1 if ok else 0)

@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway import memory
 from gateway.approvals.sweep import ApprovalSweeper
+from gateway.commits import batched
 from gateway.commits.recovery import Recovery
 from gateway.config import Config
 from gateway.credentials import AssertionSigner, Credentials
@@ -71,6 +72,7 @@ class Gateway:
         self.draining = False
         self.stopping = False
         self.metrics = Metrics()
+        batched.observe(self.db, self.metrics.commit_batch)
         self.limiter = RateLimiter(config, self.metrics)
         self.credentials = Credentials(config)  # ConfigError now if a value is missing
         self.mcp = McpServers(config, self.credentials)

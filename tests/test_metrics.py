@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -139,3 +140,30 @@ def test_metrics_sum_over_worker_processes(tmp_path: Path) -> None:
     )
     assert value(found, "agent_gateway_stage_seconds_count", stage="policy") == 2
     assert value(found, "agent_gateway_commits_total", outcome="committed") == 2
+
+
+async def test_the_commit_batch_histogram_counts_every_reservation_and_record(
+    gw: Any, keys_dir: Path, effects: Any, database_url: str
+) -> None:
+    """On PostgreSQL every commit's reservation and record is one call of some statement:
+    the histogram's sums are the commits, and its counts the statements that ran them."""
+    client, _ = gw
+    agents, task = Agents(keys_dir), new_task()
+    intents = [await propose_and_verify(client, agents, task, "email.notify", {"n": n}) for n in range(12)]
+    answers = await asyncio.gather(
+        *(
+            client.post(f"/intents/{iid}/commit", headers=agents.headers("committer", task, key=f"b{n}"))
+            for n, iid in enumerate(intents)
+        )
+    )
+    assert [answer.status_code for answer in answers] == [200] * 12
+    found = samples((await client.get("/metrics")).text)
+    for step in ("reserve", "record"):
+        calls = value(found, "agent_gateway_commit_batch_size_sum", step=step)
+        statements = value(found, "agent_gateway_commit_batch_size_count", step=step)
+        if database_url.startswith("postgresql"):
+            assert calls == 12
+            assert 1 <= statements <= 12
+            assert value(found, "agent_gateway_commit_batch_size_bucket", step=step, le="32.0") == statements
+        else:  # SQLite commits take the general path
+            assert calls == statements == 0

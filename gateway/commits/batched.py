@@ -178,6 +178,14 @@ class Call:
 
 One = Callable[[Database, Call], Awaitable[ledger.NewEntry | None]]
 Many = Callable[[Database, list[Call]], Awaitable[list[ledger.NewEntry | None]]]
+# Told the step and the number of calls of every statement run (the gateway's metrics).
+Observer = Callable[[str, int], None]
+_observers: weakref.WeakKeyDictionary[Database, Observer] = weakref.WeakKeyDictionary()
+
+
+def observe(db: Database, observer: Observer) -> None:
+    """Report every statement the database's batchers run to `observer`."""
+    _observers[db] = observer
 
 
 def rolled_back(error: BaseException) -> bool:
@@ -195,10 +203,11 @@ class Batcher:
     holds) stops holding up the calls behind it: the next batch starts beside it.
     """
 
-    def __init__(self, db: Database, one: One, many: Many, limit: int | None = None) -> None:
+    def __init__(self, db: Database, step: str, one: One, many: Many, limit: int | None = None) -> None:
         # Weak: the database's batchers are found by the database (`batcher`), and must not
         # keep it alive.
         self._db = weakref.ref(db)
+        self.step = step
         self._one, self._many, self._limit = one, many, limit or BATCH_LIMIT
         self._queue: deque[Call] = deque()
         self._draining: asyncio.Task[None] | None = None
@@ -253,6 +262,9 @@ class Batcher:
             db = self._db()
             if db is None:
                 raise DatabaseClosed("the database is gone")
+            observer = _observers.get(db)
+            if observer is not None:
+                observer(self.step, len(batch))
             if len(batch) == 1:
                 results = [await self._one(db, batch[0])]
             else:
@@ -315,5 +327,5 @@ def batcher(db: Database, step: str, one: One) -> Batcher:
     steps = _batchers.setdefault(db, {})
     found = steps.get(step)
     if found is None:
-        found = steps[step] = Batcher(db, one, _MANY[step])
+        found = steps[step] = Batcher(db, step, one, _MANY[step])
     return found
