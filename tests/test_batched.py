@@ -438,3 +438,55 @@ async def test_a_database_that_is_dropped_is_freed_with_its_batchers() -> None:
         assert gone() is None
     finally:
         await drop_pg_database(name)
+
+
+async def hold(db: Database, *intents: Intent) -> tuple[asyncpg.Connection, Any]:
+    """A transaction of another client that holds these intents' rows."""
+    holder = await asyncpg.connect(f"postgresql://postgres@127.0.0.1:5432/{db.url.rsplit('/', 1)[1]}")
+    holding = holder.transaction()
+    await holding.start()
+    for intent in intents:
+        await holder.execute("SELECT 1 FROM intents WHERE intent_id = $1 FOR UPDATE", intent.intent_id)
+    return holder, holding
+
+
+async def test_the_next_batch_leaves_out_the_intents_of_a_stalled_one(db: Database) -> None:
+    """A second call for the stalled intent would make the whole next batch wait for it."""
+    x, y = await add_intents(db, 2)
+    holder, holding = await hold(db, x)
+    try:
+        first = asyncio.ensure_future(reserve(db, x, ref("x-1")))
+        await asyncio.sleep(0.2)  # longer than the stall bound
+        second = asyncio.ensure_future(reserve(db, x, ref("x-2")))
+        assert await asyncio.wait_for(reserve(db, y, ref("y")), 2) is not None
+        assert not first.done() and not second.done()
+        await holding.rollback()
+        assert await first is not None
+        assert await second is None  # x is executing by then
+    finally:
+        await holder.close()
+
+
+async def test_stalled_batches_do_not_take_more_than_their_share_of_connections(db: Database) -> None:
+    x, y, z = await add_intents(db, 3)
+    holder, holding = await hold(db, x, y)
+    try:
+        stalled = [asyncio.ensure_future(reserve(db, x, ref("x")))]
+        await asyncio.sleep(0.2)
+        stalled.append(asyncio.ensure_future(reserve(db, y, ref("y"))))
+        await asyncio.sleep(0.2)
+        third = asyncio.ensure_future(reserve(db, z, ref("z")))
+        await asyncio.sleep(0.5)
+        assert batched.MAX_RUNNING == 2
+        assert not third.done()  # it waits for one of the two
+        await holding.rollback()
+        assert all([await call is not None for call in [*stalled, third]])
+    finally:
+        await holder.close()
+
+
+async def test_a_lone_call_the_server_rejects_changes_nothing_and_gets_none(db: Database) -> None:
+    (intent,) = await add_intents(db, 1)
+    assert await reserve(db, intent, ref("k" * 300)) is None  # the key column holds 255
+    stored, keys, entries = await rows(db)
+    assert stored[intent.intent_id].status == "verified" and not keys and not entries

@@ -164,6 +164,5 @@ async def test_the_commit_batch_histogram_counts_every_reservation_and_record(
         if database_url.startswith("postgresql"):
             assert calls == 12
             assert 1 <= statements <= 12
-            assert value(found, "agent_gateway_commit_batch_size_bucket", step=step, le="32.0") == statements
         else:  # SQLite commits take the general path
             assert calls == statements == 0

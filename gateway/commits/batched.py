@@ -6,7 +6,8 @@ through a `Batcher`, one per step and database. While its statement runs, the ca
 arrive wait; then they go together, as one statement of `unnest`ed arrays. A call that
 finds nothing running goes at once, alone, as the one-row statement of `onestatement`:
 batches form only under load, and add no wait. A batch that waits for a row lock longer
-than `STALL_SECONDS` no longer holds up the calls behind it.
+than `STALL_SECONDS` no longer holds up the calls behind it (up to `MAX_RUNNING`
+batches run at once).
 
 A batch statement does for each of its rows what the one-row statement does, and leaves
 a row it cannot do unchanged (the caller gets None and runs the general path), as the
@@ -43,6 +44,9 @@ BATCH_LIMIT = 32
 # How long a batch may hold up the calls behind it (a batch runs in a few milliseconds,
 # unless it waits for a row lock).
 STALL_SECONDS = 0.05
+# Batches of one step running at once, at most: a batch that stalls lets one more start,
+# but batches stalled on the ledger head must not take every connection of the pool.
+MAX_RUNNING = 2
 
 _RESERVE_INPUT = (
     ("intent_id", "text"),
@@ -200,7 +204,8 @@ class Batcher:
     """Runs one step's calls: alone when nothing runs, else together once the running batch ends.
 
     A batch that runs longer than `STALL_SECONDS` (it waits for a row another transaction
-    holds) stops holding up the calls behind it: the next batch starts beside it.
+    holds) stops holding up the calls behind it: the next batch starts beside it, without
+    the intents and keys of the batch still running, up to `MAX_RUNNING` batches.
     """
 
     def __init__(self, db: Database, step: str, one: One, many: Many, limit: int | None = None) -> None:
@@ -212,9 +217,14 @@ class Batcher:
         self._queue: deque[Call] = deque()
         self._draining: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
+        # The intents and keys of the batches running.
+        self._busy_intents: set[str] = set()
+        self._busy_keys: set[tuple[str, str]] = set()
+        self._arrived = asyncio.Event()
 
     async def submit(self, call: Call) -> ledger.NewEntry | None:
         self._queue.append(call)
+        self._arrived.set()
         if self._draining is None:
             self._draining = asyncio.ensure_future(self._drain())
         return await call.future
@@ -222,8 +232,10 @@ class Batcher:
     async def _drain(self) -> None:
         try:
             while self._queue:
-                batch = self._take()
+                batch = self._take() if len(self._running) < MAX_RUNNING else []
                 if not batch:
+                    if self._queue:  # what is left waits for a running batch, or a new call
+                        await self._next_change()
                     continue
                 running = asyncio.ensure_future(self._run(batch))
                 self._running.add(running)
@@ -236,10 +248,19 @@ class Batcher:
         finally:
             self._draining = None
 
+    async def _next_change(self) -> None:
+        self._arrived.clear()
+        arrival = asyncio.ensure_future(self._arrived.wait())
+        try:
+            await asyncio.wait({*self._running, arrival}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            arrival.cancel()
+
     def _take(self) -> list[Call]:
+        """The next batch: the first calls in line, at most one per intent and per key, and
+        none for an intent or key of a batch still running (it would wait for that one)."""
         batch: list[Call] = []
-        intents: set[str] = set()
-        keys: set[tuple[str, str]] = set()
+        intents, keys = set(self._busy_intents), set(self._busy_keys)
         later: deque[Call] = deque()
         while self._queue:
             call = self._queue.popleft()
@@ -257,6 +278,17 @@ class Batcher:
         return batch
 
     async def _run(self, batch: list[Call]) -> None:
+        intents = {call.intent_id for call in batch}
+        keys = {key for call in batch if (key := call.key) is not None}
+        self._busy_intents |= intents
+        self._busy_keys |= keys
+        try:
+            await self._run_batch(batch)
+        finally:
+            self._busy_intents -= intents
+            self._busy_keys -= keys
+
+    async def _run_batch(self, batch: list[Call]) -> None:
         results: list[ledger.NewEntry | None]
         try:
             db = self._db()
