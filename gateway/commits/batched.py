@@ -237,9 +237,7 @@ class Batcher:
                     if self._queue:  # what is left waits for a running batch, or a new call
                         await self._next_change()
                     continue
-                running = asyncio.ensure_future(self._run(batch))
-                self._running.add(running)
-                running.add_done_callback(self._running.discard)
+                running = self._start(batch)
                 await asyncio.wait({running}, timeout=STALL_SECONDS)
         except asyncio.CancelledError:  # the loop is closing: nothing will run the calls left
             while self._queue:
@@ -277,16 +275,22 @@ class Batcher:
         self._queue = later
         return batch
 
-    async def _run(self, batch: list[Call]) -> None:
+    def _start(self, batch: list[Call]) -> asyncio.Task[None]:
+        """Run the batch as a task; its intents and keys are busy until the task is done."""
         intents = {call.intent_id for call in batch}
         keys = {key for call in batch if (key := call.key) is not None}
         self._busy_intents |= intents
         self._busy_keys |= keys
-        try:
-            await self._run_batch(batch)
-        finally:
+        running = asyncio.ensure_future(self._run_batch(batch))
+        self._running.add(running)
+
+        def done(task: asyncio.Task[None]) -> None:
+            self._running.discard(task)
             self._busy_intents -= intents
             self._busy_keys -= keys
+
+        running.add_done_callback(done)
+        return running
 
     async def _run_batch(self, batch: list[Call]) -> None:
         results: list[ledger.NewEntry | None]
