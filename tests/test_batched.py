@@ -5,6 +5,7 @@ the ledger chains every entry of a batch, and a batch that fails changes nothing
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -244,8 +245,8 @@ def test_an_entry_the_database_chained_wrongly_is_refused() -> None:
     entries = [ledger.new_entry(event="committed", intent_id=f"i{n}") for n in range(2)]
     params = [ledger.pg_params(entry) for entry in entries]
     assert all(params)
-    first = ledger.chain_hash(_with_seq(entries[0], 1), ledger.GENESIS)
-    second = ledger.chain_hash(_with_seq(entries[1], 2), first)
+    first = ledger.chain_hash(dataclasses.replace(entries[0], seq=1), ledger.GENESIS)
+    second = ledger.chain_hash(dataclasses.replace(entries[1], seq=2), first)
     good = [("i0", 1, ledger.GENESIS, first), ("i1", 2, first, second)]
     appended = ledger.pg_appended_many(entries, params, good)  # type: ignore[arg-type]
     assert [appended["i0"].seq, appended["i1"].seq] == [1, 2]
@@ -254,11 +255,6 @@ def test_an_entry_the_database_chained_wrongly_is_refused() -> None:
         ledger.pg_appended_many(entries, params, unchained)  # type: ignore[arg-type]
     with pytest.raises(ledger.LedgerError):
         ledger.pg_appended_many(entries, params, [("i0", 1, ledger.GENESIS, second)])  # type: ignore[arg-type]
-
-
-def _with_seq(entry: ledger.NewEntry, seq: int) -> ledger.NewEntry:
-    copy = ledger.NewEntry(**{**entry.__dict__, "seq": seq})
-    return copy
 
 
 async def test_no_batch_holds_more_calls_than_the_limit(
@@ -381,13 +377,9 @@ async def test_batches_claim_keys_in_key_order_whatever_order_their_intents_came
 async def test_a_call_waiting_for_a_row_lock_does_not_hold_up_the_calls_behind_it(db: Database) -> None:
     """Before its stall bound, one call waiting for a locked intent held up every later
     reservation of the gateway, whatever their intents."""
-    name = db.url.rsplit("/", 1)[1]
     x, y = await add_intents(db, 2)
-    holder = await asyncpg.connect(f"postgresql://postgres@127.0.0.1:5432/{name}")
+    holder, holding = await hold(db, x)
     try:
-        holding = holder.transaction()
-        await holding.start()
-        await holder.execute("SELECT 1 FROM intents WHERE intent_id = $1 FOR UPDATE", x.intent_id)
         blocked = asyncio.ensure_future(reserve(db, x, ref("x")))
         await asyncio.sleep(0.02)
         free = await asyncio.wait_for(reserve(db, y, ref("y")), 2)  # the lock is held for longer

@@ -208,12 +208,12 @@ class Batcher:
     the intents and keys of the batch still running, up to `MAX_RUNNING` batches.
     """
 
-    def __init__(self, db: Database, step: str, one: One, many: Many, limit: int | None = None) -> None:
+    def __init__(self, db: Database, step: str, one: One, many: Many) -> None:
         # Weak: the database's batchers are found by the database (`batcher`), and must not
         # keep it alive.
         self._db = weakref.ref(db)
         self.step = step
-        self._one, self._many, self._limit = one, many, limit or BATCH_LIMIT
+        self._one, self._many = one, many
         self._queue: deque[Call] = deque()
         self._draining: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
@@ -265,7 +265,7 @@ class Batcher:
             if call.future.done():  # its caller is gone (cancelled) before it ran
                 continue
             key = call.key
-            if len(batch) >= self._limit or call.intent_id in intents or (key is not None and key in keys):
+            if len(batch) >= BATCH_LIMIT or call.intent_id in intents or (key is not None and key in keys):
                 later.append(call)
                 continue
             batch.append(call)
